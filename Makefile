@@ -1,0 +1,39 @@
+# advexplain: `make up` installs, trains the default models if missing and serves both services;
+# `make test` runs the whole suite. Everything lives in .venv.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+MODELS ?= models
+THREADS ?= 2
+export ADVEXPLAIN_THREADS ?= $(THREADS)
+
+.PHONY: install models up test test-fast demo clean-models
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	@touch $(STAMP)
+
+# Train the default (CPU-sized) models on the built-in elpv data only when they are missing.
+models: install $(MODELS)/blackbox/config.json $(MODELS)/surrogate/config.json
+
+$(MODELS)/blackbox/config.json: | install
+	$(BIN)/advexplain train blackbox --out $(MODELS)/blackbox
+
+$(MODELS)/surrogate/config.json: | install
+	$(BIN)/advexplain train surrogate --out $(MODELS)/surrogate
+
+up: models
+	@echo "models are ready in $(MODELS)/; the services arrive with a later change"
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration and not faces"
+
+clean-models:
+	rm -rf $(MODELS)/blackbox $(MODELS)/surrogate

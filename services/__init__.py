@@ -1,0 +1,1 @@
+"""advexplain's HTTP services (black box, explainer) and its command line."""
