@@ -9,7 +9,9 @@ from pathlib import Path
 from shared.checkpoints import save_checkpoint
 from shared.data import BUILTIN, fingerprint, load_images, sample_fraction
 from shared.models import ModelConfig
-from shared.training import channel_stats, pick_device, train_model
+from shared.distill import distill_labels
+from shared.errors import InvalidInput
+from shared.training import channel_stats, pick_device, predict, train_model
 
 # The paper's schedule (Adam, lr 0.001, batch 64; 20 epochs black box, 50 surrogate).
 PAPER_EPOCHS = {"blackbox": 20, "surrogate": 50}
@@ -36,6 +38,13 @@ def register(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="validation")
+    p.add_argument("--distill-from", default=None, metavar="URL|CHECKPOINT",
+                   help="surrogate only: label the local images with this black box (a running service's URL or a "
+                        "checkpoint folder) and train on its answers instead of the folder labels")
+    p.add_argument("--distill-budget", type=int, default=None,
+                   help="most black-box queries distillation may spend (default: one per local image)")
+    p.add_argument("--distill-label-only", action="store_true",
+                   help="with a CHECKPOINT: use only its labels, as from a hard-label black box")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -62,11 +71,30 @@ def run(args) -> int:
           f"{image_size}x{image_size}, width {width:g}, {epochs} epochs on {device} "
           f"(data loaded in {load_seconds:.1f}s; {len(train_set.skipped)} unreadable skipped)")
 
+    distillation, targets, agreement_set = None, None, None
+    if args.distill_from:
+        if args.kind != "surrogate":
+            raise InvalidInput("--distill-from trains a surrogate: use it with `train surrogate`")
+        oracle, source = distillation_oracle(args.distill_from, args.distill_label_only)
+        labelled = distill_labels(oracle, train_set, budget=args.distill_budget, seed=args.seed)
+        train_set, targets, agreement_set = labelled.train, labelled.targets, labelled.held_back
+        distillation = {"source": source, "queries": labelled.queries, "budget": args.distill_budget,
+                        "targets": "soft" if labelled.soft else "hard", "train_images": len(train_set),
+                        "held_back_images": len(agreement_set)}
+        print(f"distillation: {labelled.queries} black-box queries spent on {source} "
+              f"({distillation['targets']} targets; {len(agreement_set)} images held back to measure agreement)")
+
     mean, std = channel_stats(train_set)
     config = ModelConfig(architecture=args.kind, image_size=image_size, num_classes=len(train_set.classes),
                          width=width, mean=mean, std=std)
     result = train_model(config, train_set, val_set, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, device=device, progress=progress)
+                         seed=args.seed, device=device, progress=progress, targets=targets)
+    metrics = {"val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy}
+    if distillation is not None:
+        agreement = float((predict(result.model, agreement_set, device=device) == agreement_set.labels).float().mean())
+        distillation["agreement"] = round(agreement, 6)
+        metrics["blackbox_agreement"] = distillation["agreement"]
+        print(f"distillation: the surrogate agrees with the black box on {agreement:.1%} of the held-back images")
     data = {
         "spec": args.data,
         "train": train_set.description,
@@ -78,7 +106,22 @@ def run(args) -> int:
         "train_fingerprint": fingerprint(train_set),
     }
     save_checkpoint(out, result.model, kind=args.kind, classes=train_set.classes, data=data, training=result.record,
-                    metrics={"val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy})
+                    metrics=metrics, distillation=distillation)
     print(f"{args.kind}: validation accuracy {result.val_accuracy:.4f} after {result.record.seconds:.1f}s of training; "
           f"saved to {out}")
     return 0
+
+
+def distillation_oracle(source: str, label_only: bool):
+    """The black box to distil from: a running service (URL) or a checkpoint folder (for benchmarks)."""
+    if source.startswith(("http://", "https://")):
+        from shared.remote import RemoteClassifier
+
+        return RemoteClassifier(source, client_id="advexplain-distill"), source
+    from shared.classifiers import LocalClassifier
+
+    path = Path(source)
+    if not path.is_dir():
+        raise InvalidInput(f"--distill-from {source!r} is neither an http(s) URL nor a checkpoint folder")
+    return LocalClassifier.from_checkpoint(path, label_only=label_only), f"checkpoint:{path.resolve().name}" + (
+        " (label-only)" if label_only else "")
