@@ -1,13 +1,61 @@
-"""`advexplain serve blackbox|explainer` (arrives with the services)."""
+"""`advexplain serve blackbox|explainer`: run one of the HTTP services under uvicorn."""
 
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the black box or the explainer over HTTP")
-    p.set_defaults(handler=_not_yet)
+    services = p.add_subparsers(dest="service", required=True, metavar="{blackbox,explainer}")
+    _register_blackbox(services)
+    # `serve explainer` goes here: a _register_explainer(services) built the same way
+    # (flags default to None so that EXPLAINER_* environment variables fill the rest).
 
 
-def _not_yet(args) -> int:
-    print("advexplain serve arrives with the services")
-    return 1
+def _settings_or_exit(settings_cls, given: dict):
+    """Build settings from the flags that were given; the environment fills the rest. Bad values exit 2."""
+    try:
+        return settings_cls(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(settings)'}: {e['msg']}" for e in exc.errors()]
+        print(f"advexplain serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _register_blackbox(services) -> None:
+    p = services.add_parser(
+        "blackbox", help="the trained CNN behind POST /predict (predictions only, counts every image)",
+        description="Every flag can also be set as a BLACKBOX_<FLAG> environment variable (e.g. BLACKBOX_PORT).",
+    )
+    p.add_argument("--model", type=Path, help="checkpoint folder (default models/blackbox)")
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--output", choices=("proba", "label"), help="'label' answers labels only (default proba)")
+    p.add_argument("--max-images", type=int, help="files per request (default 64)")
+    p.add_argument("--max-upload-bytes", type=int, help="request body limit (default 10000000)")
+    p.add_argument("--max-pixels", type=int, help="pixels per image, checked before decoding (default 40000000)")
+    p.add_argument("--workers", type=int, help="forward passes at once (default 1)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(handler=_serve_blackbox)
+
+
+def _serve_blackbox(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from services.blackbox.app import create_app
+    from services.blackbox.settings import BlackboxSettings
+
+    settings = _settings_or_exit(BlackboxSettings, {
+        "model": args.model, "host": args.host, "port": args.port, "output": args.output,
+        "max_images": args.max_images, "max_upload_bytes": args.max_upload_bytes, "max_pixels": args.max_pixels,
+        "threads": args.threads, "workers": args.workers, "device": args.device,
+    })
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=args.log_level == "debug")
+    return 0

@@ -1,0 +1,1 @@
+"""The black-box service: the trained CNN behind POST /predict, revealing predictions only and counting every image."""

@@ -1,0 +1,64 @@
+"""The black box as an object: decode uploads, one forward pass per request, count the images."""
+
+from __future__ import annotations
+
+import anyio
+import torch
+from prometheus_client import Counter
+
+from services.blackbox.counter import QueryCounter
+from services.blackbox.schemas import Prediction, PredictResponse
+from services.blackbox.settings import BlackboxSettings
+from services.common.images import decode_image
+from services.common.metrics import BoundedLabels, ServiceMetrics
+from shared.classifiers import LocalClassifier
+
+
+class BlackBox:
+    """The loaded model with its limits, counter and metrics; lives on `app.state.blackbox`."""
+
+    def __init__(self, classifier: LocalClassifier, settings: BlackboxSettings, metrics: ServiceMetrics):
+        self.classifier = classifier
+        self.settings = settings
+        self.counter = QueryCounter()
+        self._limiter = anyio.CapacityLimiter(settings.workers)
+        self._client_label = BoundedLabels(settings.max_client_labels)
+        self._queries = Counter(
+            "queries", "Images classified, by client (ids past the label cap share 'other')", ["client"],
+            namespace=metrics.namespace, registry=metrics.registry,
+        )
+        self._queries_total = Counter(
+            "queries_all", "Images classified, all clients", namespace=metrics.namespace, registry=metrics.registry,
+        )
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.classifier.classes
+
+    def classify(self, files: list[bytes]) -> torch.Tensor:
+        """Encoded images -> (N, K) probabilities in request order; one forward pass. Blocking (torch)."""
+        size, max_pixels = self.classifier.image_size, self.settings.max_pixels
+        batch = torch.stack([decode_image(data, size, max_pixels, name=f"image {i}") for i, data in enumerate(files)])
+        return self.classifier.predict_proba(batch)
+
+    async def predict(self, files: list[bytes], client: str) -> tuple[PredictResponse, int]:
+        """Classify off the event loop, then count; returns the answer and the client's running total.
+
+        Counting happens only after the forward pass succeeded, so a rejected request counts nothing.
+        """
+        probs = await anyio.to_thread.run_sync(self.classify, files, limiter=self._limiter)
+        total = self.counter.add(client, len(files))
+        self._queries.labels(client=self._client_label(client)).inc(len(files))
+        self._queries_total.inc(len(files))
+        return PredictResponse(predictions=self._predictions(probs), queries=len(files)), total
+
+    def _predictions(self, probs: torch.Tensor) -> list[Prediction]:
+        with_probs = self.settings.output == "proba"
+        out = []
+        for row in probs.tolist():
+            index = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(
+                label=self.classes[index], index=index,
+                probabilities=dict(zip(self.classes, row)) if with_probs else None,
+            ))
+        return out

@@ -1,0 +1,58 @@
+"""Black-box service settings: CLI flags or BLACKBOX_* environment variables, validated before anything loads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.checkpoints import CONFIG, WEIGHTS
+
+
+class BlackboxSettings(BaseSettings):
+    """Every field can be set as BLACKBOX_<NAME> (e.g. BLACKBOX_MAX_IMAGES=32); explicit arguments win."""
+
+    model_config = SettingsConfigDict(env_prefix="BLACKBOX_", extra="forbid", frozen=True)
+
+    model: Path = Field(Path("models/blackbox"), description="checkpoint folder (config.json + model.safetensors)")
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)
+    output: Literal["proba", "label"] = Field("proba", description="'label' makes a hard-label black box")
+    max_images: int = Field(64, ge=1, le=1024, description="files per request")
+    max_upload_bytes: int = Field(10_000_000, ge=1024, description="whole request body, bytes")
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height of one image, checked before decoding")
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: leave the process's)")
+    workers: int = Field(1, ge=1, le=64, description="forward passes running at once")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    max_client_labels: int = Field(100, ge=1, le=10_000, description="distinct client ids with their own metric label")
+
+    @field_validator("model")
+    @classmethod
+    def _checkpoint_exists(cls, value: Path) -> Path:
+        missing = [name for name in (CONFIG, WEIGHTS) if not (value / name).is_file()]
+        if missing:
+            raise ValueError(f"{value} is not a checkpoint folder: {', '.join(missing)} missing")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_available(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        if value.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {value} was asked for but torch sees no CUDA device")
+            index = int(value.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device {value}: only {torch.cuda.device_count()} CUDA device(s)")
+        return value
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,1 @@
+"""What every advexplain HTTP service shares: the error body and handler map, upload limits, image decoding, metrics."""
