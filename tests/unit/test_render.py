@@ -1,0 +1,55 @@
+"""Rendering: every picture is a decodable PNG; the adversarial one is the exact 8-bit image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.explain import Explanation, quantise
+from shared.render import render_explanation
+from shared.saliency import saliency_map
+
+
+def make(success=True, already=False):
+    g = torch.Generator().manual_seed(0)
+    original = quantise(torch.rand(3, 16, 16, generator=g))
+    adversarial = quantise(original + 0.02 * torch.randn(3, 16, 16, generator=g)) if success and not already else original
+    delta = adversarial - original if success else None
+    return Explanation(success=success, already_correct=already, label=1, original_prediction=0 if not already else 1,
+                       final_prediction=1 if success else 0, original=original, adversarial=adversarial,
+                       perturbation=delta, epsilon=None, queries=2, l2=0.1 if success else None,
+                       linf=0.02 if success else None, method="margin", classes=("female", "male"))
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG"
+        return np.asarray(img.convert("RGB"))
+
+
+def test_all_pictures_are_pngs_and_adversarial_is_lossless():
+    e = make()
+    pngs = render_explanation(e, saliency_map(e.perturbation))
+    assert set(pngs) == {"saliency", "overlay", "adversarial", "panel"}
+    adv = decode(pngs["adversarial"])
+    assert adv.shape == (16, 16, 3)
+    expected = (e.adversarial * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(adv, expected)
+    assert torch.equal(torch.from_numpy(adv.copy()).permute(2, 0, 1).float().div(255), e.adversarial)
+    heat = decode(pngs["saliency"])
+    assert heat.shape == (16, 16, 3)
+    zero = saliency_map(e.perturbation) == 0
+    assert (heat[zero.numpy()] == 0).all()  # Algorithm 2's zeros are drawn black
+    panel = decode(pngs["panel"])
+    assert panel.shape[1] > 3 * 16 and panel.shape[0] > 16
+
+
+def test_failed_and_already_correct_explanations_render():
+    for e in (make(success=False), make(already=True)):
+        sal = None if e.perturbation is None else saliency_map(e.perturbation + 1e-9)
+        pngs = render_explanation(e, sal)
+        assert np.array_equal(decode(pngs["adversarial"]), decode(render_explanation(e, None)["adversarial"]))
+        decode(pngs["panel"])

@@ -1,0 +1,59 @@
+"""Algorithm 2 against quartiles computed by hand, in batch and single mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.errors import InvalidInput
+from shared.saliency import DEFAULT_BETA, DEFAULT_TAU, pixel_magnitude, quartiles, saliency_map, saliency_maps
+
+
+def grid(values):
+    return torch.tensor(values, dtype=torch.float32).reshape(1, 2, 2)
+
+
+def test_channels_combine_as_euclidean_length():
+    p = torch.zeros(3, 1, 2)
+    p[0, 0, 0], p[1, 0, 0] = 3.0, -4.0
+    p[2, 0, 1] = -0.5
+    assert torch.allclose(pixel_magnitude(p), torch.tensor([[5.0, 0.5]]))
+
+
+def test_single_mode_hand_quartiles():
+    # [0, 1, 2, 3]: q1 = 0.75, q3 = 2.25 (linear interpolation), iqr 1.5; tau 0.25 -> cut 2.625.
+    assert quartiles([grid([0, 1, 2, 3])]) == (0.75, 2.25)
+    out = saliency_map(grid([0, 1, 2, -3]), tau=0.25, beta=3.0)
+    assert torch.equal(out, torch.tensor([[0.0, 0.0], [0.0, 9.0]]))
+    # The cut is inclusive of keeping: a value equal to q3 + tau * iqr is kept (paper: "< cut" -> 0).
+    out = saliency_map(grid([0, 1, 2, 3]), tau=0.5, beta=2.0)  # cut = 3.0
+    assert torch.equal(out, torch.tensor([[0.0, 0.0], [0.0, 6.0]]))
+
+
+def test_batch_mode_uses_quartiles_of_all_non_nil_perturbations():
+    # Together 0..7: q1 = 1.75, q3 = 5.25, iqr 3.5; tau 0.25 -> cut 6.125: only the 7 survives.
+    first, second = grid([0, 1, 2, 3]), grid([4, 5, 6, 7])
+    maps = saliency_maps([first, None, second], tau=0.25, beta=2.0)
+    assert maps[1] is None
+    assert torch.equal(maps[0], torch.zeros(2, 2))
+    assert torch.equal(maps[2], torch.tensor([[0.0, 0.0], [0.0, 14.0]]))
+    # Single mode on each differs: [0..3] keeps its 3, [4..7] (cut 6.625) keeps its 7.
+    assert torch.equal(saliency_map(first, tau=0.25, beta=2.0), torch.tensor([[0.0, 0.0], [0.0, 6.0]]))
+    assert torch.equal(saliency_map(second, tau=0.25, beta=2.0), torch.tensor([[0.0, 0.0], [0.0, 14.0]]))
+
+
+def test_all_nil_batch_and_defaults():
+    assert saliency_maps([None, None]) == [None, None]
+    assert DEFAULT_TAU > 0 and DEFAULT_BETA > 1
+    p = torch.randn(3, 8, 8) * 0.01
+    before = p.clone()
+    out = saliency_map(p)
+    assert out.shape == (8, 8) and float(out.min()) >= 0 and torch.equal(p, before)
+
+
+@pytest.mark.parametrize("tau,beta", [(0, 2), (-1, 2), (float("nan"), 2), (1.5, 1.0), (1.5, float("inf")), (1.5, -2)])
+def test_bad_parameters(tau, beta):
+    with pytest.raises(InvalidInput):
+        saliency_map(grid([0, 1, 2, 3]), tau=tau, beta=beta)
+    with pytest.raises(InvalidInput):
+        saliency_map(None)
