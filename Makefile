@@ -26,8 +26,15 @@ $(MODELS)/blackbox/config.json: | install
 $(MODELS)/surrogate/config.json: | install
 	$(BIN)/advexplain train surrogate --out $(MODELS)/surrogate
 
+# Serve both services on 127.0.0.1:8000 (black box) and :8001 (explainer); Ctrl-C stops both.
 up: models
-	@echo "models are ready in $(MODELS)/; the services arrive with a later change"
+	$(BIN)/python scripts/up.py --models $(MODELS)
+
+# With `make up` running in another terminal: the batch evaluation through the real services.
+demo: install
+	$(BIN)/advexplain evaluate --data elpv --split validation --blackbox-url http://127.0.0.1:8000 \
+	  --surrogate $(MODELS)/surrogate --mode blackbox --out reports/demo
+	@echo "report: reports/demo/report.md"
 
 test: install
 	$(BIN)/python -m pytest

@@ -1,0 +1,127 @@
+"""`make up`: serve the black box and the explainer on loopback, with samples and curl commands.
+
+Starts both services as child processes (the same `advexplain serve` commands an operator runs),
+enables the white-box route with a token generated for this run, writes a few images the black box
+gets wrong to samples/, prints ready-to-paste curl commands, and stops both on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url} exited with status {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{url} was not ready after {timeout:.0f}s")
+
+
+def write_samples(blackbox: Path, out: Path, count: int) -> list[tuple[Path, str]]:
+    """Save up to `count` built-in validation images the black box misclassifies, named by true label."""
+    import torch
+    from torchvision.utils import save_image
+
+    from shared.checkpoints import load_checkpoint
+    from shared.data import load_images
+    from shared.training import predict
+
+    torch.set_num_threads(1)
+    ckpt = load_checkpoint(blackbox)
+    spec = ckpt.meta.data.get("spec", "elpv")
+    images = load_images(spec, "validation", ckpt.meta.image_size, progress=False)
+    wrong = (predict(ckpt.model, images) != images.labels).nonzero().flatten()[:count]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, i in enumerate(wrong.tolist()):
+        label = images.classes[int(images.labels[i])]
+        path = out / f"misclassified-{n}-true-{label}.png"
+        save_image(images.as_float(slice(i, i + 1)), path)
+        written.append((path, label))
+    return written
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--blackbox-port", type=int, default=8000)
+    parser.add_argument("--explainer-port", type=int, default=8001)
+    parser.add_argument("--samples", type=Path, default=Path("samples"))
+    args = parser.parse_args()
+
+    cli = [sys.executable, "-m", "services.cli"]
+    token = os.environ.get("EXPLAINER_WHITEBOX_TOKEN") or secrets.token_urlsafe(24)
+    blackbox_url = f"http://{args.host}:{args.blackbox_port}"
+    explainer_url = f"http://{args.host}:{args.explainer_port}"
+    env = {**os.environ, "EXPLAINER_WHITEBOX_TOKEN": token, "ADVEXPLAIN_THREADS": os.environ.get("ADVEXPLAIN_THREADS", "1")}
+    procs: list[subprocess.Popen] = []
+
+    def stop(*_):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    try:
+        procs.append(subprocess.Popen(cli + ["serve", "blackbox", "--model", str(args.models / "blackbox"),
+                                             "--host", args.host, "--port", str(args.blackbox_port)], env=env))
+        wait_healthy(blackbox_url, procs[0], timeout=60)
+        procs.append(subprocess.Popen(cli + ["serve", "explainer", "--surrogate", str(args.models / "surrogate"),
+                                             "--blackbox-url", blackbox_url,
+                                             "--whitebox-model", str(args.models / "blackbox"),
+                                             "--host", args.host, "--port", str(args.explainer_port)], env=env))
+        wait_healthy(explainer_url, procs[1], timeout=60)
+        samples = write_samples(args.models / "blackbox", args.samples, count=4)
+        sample, label = samples[0] if samples else (Path("your-image.png"), "<true label>")
+        print(f"""
+advexplain is up
+  black box  {blackbox_url}   (POST /predict, GET /healthz, GET /metrics)
+  explainer  {explainer_url}   (POST /explain, POST /internal/whitebox/explain, docs at {explainer_url}/docs)
+  white-box token for this run: {token}
+  {len(samples)} misclassified sample images in {args.samples}/
+
+Explain a misclassification (black box, Algorithm 3 and better):
+  curl -s -F image=@{sample} -F label={label} {explainer_url}/explain | python -m json.tool | head -30
+Get the panel PNG straight away:
+  curl -s -H 'Accept: image/png' -F image=@{sample} -F label={label} {explainer_url}/explain -o panel.png
+White box (the real model's gradients, Algorithm 1):
+  curl -s -H 'Authorization: Bearer {token}' -F image=@{sample} -F label={label} -F method=paper {explainer_url}/internal/whitebox/explain | head -c 600
+Ask the black box directly:
+  curl -s -H 'X-Client-Id: me' -F image=@{sample} {blackbox_url}/predict
+
+Ctrl-C stops both services.""", flush=True)
+        while all(proc.poll() is None for proc in procs):
+            time.sleep(0.5)
+        print("a service stopped; shutting the other down", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping both services", flush=True)
+        return 0
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
