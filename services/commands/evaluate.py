@@ -19,7 +19,8 @@ from shared.checkpoints import load_checkpoint
 from shared.classifiers import LocalClassifier
 from shared.data import BUILTIN, load_images
 from shared.errors import InvalidInput
-from shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS, explain
+from shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS, EnsembleSurrogate, explain
+from shared.remote import RemoteClassifier
 from shared.render import render_explanation
 from shared.saliency import DEFAULT_BETA, DEFAULT_TAU, saliency_maps
 
@@ -37,7 +38,9 @@ def register(sub) -> None:
     p.add_argument("--data", default=BUILTIN, help="'elpv' (built-in) or a folder <root>/<split>/<class>/<image>")
     p.add_argument("--split", default="Validation")
     p.add_argument("--blackbox", type=Path, default=Path("models/blackbox"), help="black-box checkpoint (finds the misclassified images; the oracle unless --blackbox-url)")
-    p.add_argument("--surrogate", type=Path, default=Path("models/surrogate"), help="gradient source in black-box mode")
+    p.add_argument("--surrogate", type=Path, action="append", default=None,
+                   help="gradient source in black-box mode (default models/surrogate); repeat it to combine several "
+                        "surrogates' gradients (an ensemble)")
     p.add_argument("--blackbox-url", default=None, help="use a running black-box service as the oracle")
     p.add_argument("--mode", choices=("whitebox", "blackbox"), default="blackbox")
     p.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD)
@@ -54,11 +57,7 @@ def register(sub) -> None:
 
 def make_oracle(args, classes):
     if args.blackbox_url:
-        try:
-            from shared.remote import RemoteClassifier  # lazy: evaluate works without the HTTP client
-        except ImportError as exc:
-            raise InvalidInput("--blackbox-url needs shared/remote.py (RemoteClassifier), which is not installed") from exc
-        return RemoteClassifier(args.blackbox_url)
+        return RemoteClassifier(args.blackbox_url, client_id="advexplain-evaluate")
     return LocalClassifier.from_checkpoint(args.blackbox, label_only=args.label_only)
 
 
@@ -88,6 +87,18 @@ def summarise(results, misclassified: int) -> dict:
     }
 
 
+def distillation_costs(surrogates, results) -> dict:
+    """Queries spent distilling the surrogates, in total and amortised over the explained images."""
+    spent = sum(int((c.meta.distillation or {}).get("queries", 0)) for c in surrogates)
+    n = len(results)
+    per_image = spent / n if n else None
+    return {
+        "distillation_queries": spent,
+        "distillation_queries_per_image": per_image,
+        "mean_queries_with_distillation": None if not n else statistics.fmean(r.queries for r in results) + per_image,
+    }
+
+
 def report_markdown(m: dict, args, meta: dict) -> str:
     paper = PAPER[args.mode]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
@@ -108,6 +119,10 @@ def report_markdown(m: dict, args, meta: dict) -> str:
         "Search queries are oracle images after the first prediction (what the paper counts); mean queries including it: "
         f"{fmt(m['mean_queries'], '.2f')}. Norms are of the perturbation in [0,1] pixel units, over successful explanations.",
         "",
+        f"Distillation: {m['distillation_queries']} black-box queries spent training the surrogate(s), "
+        f"{fmt(m['distillation_queries_per_image'], '.2f')} per explained image; mean queries per explanation with them "
+        f"amortised: {fmt(m['mean_queries_with_distillation'], '.2f')}.",
+        "",
         "## Gallery (original | adversarial | saliency)",
         "",
     ]
@@ -121,7 +136,8 @@ def run(args) -> int:
     started = time.perf_counter()
     blackbox_ckpt = load_checkpoint(args.blackbox)
     local_blackbox = LocalClassifier(blackbox_ckpt.model, blackbox_ckpt.classes, name=str(args.blackbox))
-    surrogate_ckpt = load_checkpoint(args.surrogate) if args.mode == "blackbox" else None
+    surrogate_paths = args.surrogate or [Path("models/surrogate")]
+    surrogate_ckpts = [load_checkpoint(p) for p in surrogate_paths] if args.mode == "blackbox" else []
     image_size = blackbox_ckpt.meta.image_size
     data = load_images(args.data, args.split, image_size, progress=not args.quiet)
     if tuple(data.classes) != tuple(blackbox_ckpt.classes):
@@ -140,8 +156,9 @@ def run(args) -> int:
         source = oracle if isinstance(oracle, LocalClassifier) else local_blackbox
         source_name = f"{args.blackbox} (the real model)"
     else:
-        source = LocalClassifier(surrogate_ckpt.model, surrogate_ckpt.classes, name=str(args.surrogate))
-        source_name = f"{args.surrogate} (surrogate)"
+        members = [LocalClassifier(c.model, c.classes, name=str(p)) for c, p in zip(surrogate_ckpts, surrogate_paths)]
+        source = members[0] if len(members) == 1 else EnsembleSurrogate(members)
+        source_name = " + ".join(str(p) for p in surrogate_paths) + (" (surrogate)" if len(members) == 1 else " (ensemble)")
 
     results = []
     for i in tqdm(wrong, desc=f"{args.mode} {args.method}", disable=args.quiet, unit="image"):
@@ -163,11 +180,12 @@ def run(args) -> int:
         gallery.append(name)
 
     metrics = summarise(results, len(wrong))
+    metrics.update(distillation_costs(surrogate_ckpts, results))
     meta = {
         "oracle": args.blackbox_url or str(args.blackbox),
         "gradient_source": source_name,
         "blackbox_val_accuracy": blackbox_ckpt.meta.metrics.get("val_accuracy"),
-        "surrogate_val_accuracy": surrogate_ckpt.meta.metrics.get("val_accuracy") if surrogate_ckpt else None,
+        "surrogate_val_accuracy": surrogate_ckpts[0].meta.metrics.get("val_accuracy") if len(surrogate_ckpts) == 1 else None,
         "gallery": gallery,
     }
     metrics.update({

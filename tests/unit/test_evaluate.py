@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import shutil
 
 import pytest
 
@@ -29,9 +29,29 @@ def test_evaluate_writes_consistent_report(tiny_models, tmp_path, mode, method):
     assert "99.67%" in report or "73.08%" in report
 
 
-def test_blackbox_url_without_remote_client_is_a_clean_error(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "shared.remote", None)  # import fails as if the module were absent
+def test_unreachable_blackbox_url_is_a_clean_error(tiny_models, tmp_path, capsys):
     rc = main(["--threads", "1", "evaluate", "--data", "elpv", "--blackbox", str(tiny_models["blackbox"]),
                "--surrogate", str(tiny_models["surrogate"]), "--blackbox-url", "http://127.0.0.1:9",
                "--limit", "1", "--quiet", "--out", str(tmp_path / "r")])
     assert rc == 2
+    assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_ensemble_and_distillation_queries_are_reported(tiny_models, tmp_path):
+    """Two surrogates combine into one gradient source; distillation queries are counted apart."""
+    distilled = tmp_path / "distilled"
+    shutil.copytree(tiny_models["surrogate"], distilled)
+    meta = json.loads((distilled / "config.json").read_text())
+    meta["distillation"] = {"source": "checkpoint:test", "queries": 150, "budget": 150, "targets": "hard"}
+    (distilled / "config.json").write_text(json.dumps(meta))
+    out = tmp_path / "ens"
+    rc = main(["--threads", "1", "evaluate", "--data", "elpv", "--split", "validation", "--blackbox",
+               str(tiny_models["blackbox"]), "--surrogate", str(tiny_models["surrogate"]), "--surrogate", str(distilled),
+               "--mode", "blackbox", "--limit", "3", "--quiet", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "(ensemble)" in metrics["gradient_source"]
+    assert metrics["distillation_queries"] == 150
+    assert metrics["distillation_queries_per_image"] == pytest.approx(50.0)
+    assert metrics["mean_queries_with_distillation"] == pytest.approx(metrics["mean_queries"] + 50.0)
+    assert "150 black-box queries spent training" in (out / "report.md").read_text()
