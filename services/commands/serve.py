@@ -13,8 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the black box or the explainer over HTTP")
     services = p.add_subparsers(dest="service", required=True, metavar="{blackbox,explainer}")
     _register_blackbox(services)
-    # `serve explainer` goes here: a _register_explainer(services) built the same way
-    # (flags default to None so that EXPLAINER_* environment variables fill the rest).
+    _register_explainer(services)
 
 
 def _settings_or_exit(settings_cls, given: dict):
@@ -55,6 +54,51 @@ def _serve_blackbox(args: argparse.Namespace) -> int:
         "model": args.model, "host": args.host, "port": args.port, "output": args.output,
         "max_images": args.max_images, "max_upload_bytes": args.max_upload_bytes, "max_pixels": args.max_pixels,
         "threads": args.threads, "workers": args.workers, "device": args.device,
+    })
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=args.log_level == "debug")
+    return 0
+
+
+def _register_explainer(services) -> None:
+    p = services.add_parser(
+        "explainer", help="explain black-box misclassifications: POST /explain (surrogate gradients, /predict queries)",
+        description="Every flag can also be set as an EXPLAINER_<FLAG> environment variable (e.g. EXPLAINER_PORT, "
+                    "EXPLAINER_SURROGATE as a comma-separated or JSON list). The white-box route's token is read "
+                    "from EXPLAINER_WHITEBOX_TOKEN only; the route is on when it and --whitebox-model are set.",
+    )
+    p.add_argument("--surrogate", type=Path, action="append",
+                   help="surrogate checkpoint folder; repeat for an ensemble (default models/surrogate)")
+    p.add_argument("--blackbox-url", help="base URL of the black box (default http://127.0.0.1:8000)")
+    p.add_argument("--whitebox-model", type=Path, help="the real model's checkpoint, for /internal/whitebox/explain")
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8001")
+    p.add_argument("--client-id", help="X-Client-Id sent to the black box (default advexplain-explainer)")
+    p.add_argument("--connect-timeout", type=float, help="seconds to connect to the black box (default 5)")
+    p.add_argument("--read-timeout", type=float, help="seconds to wait for one black-box answer (default 30)")
+    p.add_argument("--connect-retries", type=int, help="retries of failed connects (default 2)")
+    p.add_argument("--max-concurrency", type=int, help="explanations running at once (default 1)")
+    p.add_argument("--max-queries", type=int, help="upper limit of a request's max_queries (default 200)")
+    p.add_argument("--max-upload-bytes", type=int, help="request body limit (default 10000000)")
+    p.add_argument("--max-pixels", type=int, help="pixels of the upload, checked before decoding (default 40000000)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(handler=_serve_explainer)
+
+
+def _serve_explainer(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from services.explainer.app import create_app
+    from services.explainer.settings import ExplainerSettings
+
+    settings = _settings_or_exit(ExplainerSettings, {
+        "surrogate": args.surrogate, "blackbox_url": args.blackbox_url, "whitebox_model": args.whitebox_model,
+        "host": args.host, "port": args.port, "client_id": args.client_id,
+        "connect_timeout": args.connect_timeout, "read_timeout": args.read_timeout,
+        "connect_retries": args.connect_retries, "max_concurrency": args.max_concurrency,
+        "max_queries": args.max_queries, "max_upload_bytes": args.max_upload_bytes, "max_pixels": args.max_pixels,
+        "threads": args.threads, "device": args.device,
     })
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 access_log=args.log_level == "debug")

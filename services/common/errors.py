@@ -133,7 +133,9 @@ def install_error_handlers(app: FastAPI, on_error: OnError | None = None) -> Non
         status = status_for(exc)
         if status >= 500:
             log.error("%s %s failed: %s: %s", request.method, request.url.path, exc.code, exc.message)
-        return answer(status, exc.code, exc.message)
+        # An error may carry response headers (e.g. Unauthorized(..., headers={"WWW-Authenticate": "Bearer"})).
+        headers = exc.details.get("headers")
+        return answer(status, exc.code, exc.message, headers if isinstance(headers, dict) else None)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []

@@ -1,0 +1,69 @@
+"""The explainer app factory: `create_app(settings)`; surrogate(s), white box and the black-box client load in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+import torch
+from fastapi import FastAPI
+
+from services.common.errors import install_error_handlers
+from services.common.limits import BodyLimitMiddleware
+from services.common.metrics import LatencyMiddleware, ServiceMetrics
+from services.explainer.routes import router, whitebox_router
+from services.explainer.service import Explainer, build_http_client, load_surrogate
+from services.explainer.settings import ExplainerSettings
+from shared.classifiers import LocalClassifier
+from shared.remote import RemoteClassifier
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | None = None) -> FastAPI:
+    """`blackbox_client` replaces the pooled httpx.Client built from the settings (tests pass a
+    TestClient of the black-box app, or a client with a mock transport); the caller owns it."""
+    metrics = ServiceMetrics("explainer")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        surrogate = await anyio.to_thread.run_sync(load_surrogate, settings)
+        whitebox = None
+        if settings.whitebox_enabled:
+            whitebox = await anyio.to_thread.run_sync(
+                lambda: LocalClassifier.from_checkpoint(settings.whitebox_model, device=str(settings.torch_device)))
+        http = blackbox_client if blackbox_client is not None else build_http_client(settings)
+        blackbox = RemoteClassifier(settings.blackbox_url, client=http, client_id=settings.client_id)
+        app.state.explainer = Explainer(settings, metrics, surrogate, blackbox, http, whitebox)
+        log.info("explainer ready: %d surrogate(s) %s, black box %s as %r, white-box route %s, %d at once",
+                 len(settings.surrogate), ", ".join(map(str, settings.surrogate)), settings.blackbox_url,
+                 settings.client_id, "on" if whitebox is not None else "off", settings.max_concurrency)
+        try:
+            yield
+        finally:
+            app.state.explainer = None
+            if blackbox_client is None:
+                http.close()
+
+    app = FastAPI(
+        title="advexplain explainer",
+        description="Explains why the black box misclassifies an image: the inverted adversarial example, found "
+                    "with a surrogate's gradients and the black box's predictions, and its saliency map.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.explainer = None
+    install_error_handlers(app, on_error=metrics.record_error)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(LatencyMiddleware, metrics=metrics)
+    app.include_router(router, form_limits={"max_files": 1})
+    # Without a token and a model the white-box route does not exist: 404, and not in the schema.
+    if settings.whitebox_enabled:
+        app.include_router(whitebox_router, form_limits={"max_files": 1})
+    return app

@@ -1,0 +1,130 @@
+"""Routes of the explainer API: /explain, /internal/whitebox/explain (token), /healthz, /metrics."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from services.common.errors import ServiceNotReady, error_responses
+from services.common.images import read_upload
+from services.explainer.schemas import ExplainResponse, Health, explanation_headers, response_from
+from services.explainer.service import BLACKBOX, WHITEBOX, ExplainParams, Explainer, ExplainResult
+from shared.errors import Forbidden, InvalidInput, Unauthorized
+from shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS
+from shared.explain.base import MAX_ALPHA
+from shared.saliency import DEFAULT_BETA, DEFAULT_TAU
+
+router = APIRouter()
+whitebox_router = APIRouter()
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+def get_explainer(request: Request) -> Explainer:
+    explainer = getattr(request.app.state, "explainer", None)
+    if explainer is None:
+        raise ServiceNotReady("the surrogate is not loaded yet")
+    return explainer
+
+
+def explain_params(
+    explainer: Annotated[Explainer, Depends(get_explainer)],
+    label: Annotated[str, Form(min_length=1, max_length=200, description="the true label: a class name or its index")],
+    method: Annotated[MethodName, Form(description="search method")] = DEFAULT_METHOD,
+    max_queries: Annotated[int, Form(ge=1, description="most images sent to the oracle, the first prediction "
+                                     "included (the service's own limit applies)")] = DEFAULT_MAX_QUERIES,
+    tau: Annotated[float, Form(gt=0, allow_inf_nan=False, description="Algorithm 2's relaxation")] = DEFAULT_TAU,
+    beta: Annotated[float, Form(gt=1, allow_inf_nan=False, description="Algorithm 2's boost")] = DEFAULT_BETA,
+    alpha: Annotated[float, Form(gt=0, le=MAX_ALPHA, allow_inf_nan=False,
+                                 description="bound on the paper's epsilon (method paper)")] = DEFAULT_ALPHA,
+) -> ExplainParams:
+    limit = explainer.settings.max_queries
+    if max_queries > limit:
+        raise InvalidInput(f"max_queries {max_queries} is over this service's limit of {limit}")
+    return ExplainParams(label=label, method=method, max_queries=max_queries, alpha=alpha, tau=tau, beta=beta)
+
+
+ExplainerDep = Annotated[Explainer, Depends(get_explainer)]
+ParamsDep = Annotated[ExplainParams, Depends(explain_params)]
+Upload = Annotated[UploadFile, File(description="the image (PNG, JPEG, WebP, BMP, GIF first frame)")]
+
+EXPLAIN_RESPONSES = {
+    200: {
+        "description": "The explanation; a failed search is a 200 with `success: false`. With `Accept: image/png` "
+                       "the body is the panel PNG and the numbers are in `X-Explanation-*` headers.",
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    },
+}
+
+
+def wants_png(request: Request) -> bool:
+    accept = request.headers.get("accept", "").lower()
+    return "image/png" in accept and "application/json" not in accept
+
+
+def answer(request: Request, result: ExplainResult) -> Response:
+    if wants_png(request):
+        return Response(result.pngs["panel"], media_type="image/png", headers=explanation_headers(result))
+    return JSONResponse(response_from(result).model_dump(mode="json"))
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    summary="Explain why the black box misclassifies an image",
+    responses={**EXPLAIN_RESPONSES, **error_responses(400, 413, 415, 422, 502, 503, 504)},
+)
+async def explain_blackbox(request: Request, image: Upload, params: ParamsDep, explainer: ExplainerDep) -> Response:
+    data = await read_upload(image, explainer.settings.max_upload_bytes)
+    return answer(request, await explainer.explain(data, params, BLACKBOX))
+
+
+bearer = HTTPBearer(auto_error=False, description="EXPLAINER_WHITEBOX_TOKEN")
+
+
+def require_token(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    expected = request.app.state.settings.whitebox_token
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("this route needs `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"})
+    # Constant time over bytes: the comparison must not reveal how much of the token matched.
+    if not secrets.compare_digest(credentials.credentials.encode("utf-8"), expected.get_secret_value().encode("utf-8")):
+        raise Forbidden("the token is not valid for this route")
+
+
+@whitebox_router.post(
+    "/internal/whitebox/explain",
+    response_model=ExplainResponse,
+    summary="Developers: Algorithm 1 with the real model's gradients (no black-box queries)",
+    dependencies=[Depends(require_token)],
+    responses={**EXPLAIN_RESPONSES, **error_responses(400, 401, 403, 413, 415, 422, 503)},
+)
+async def explain_whitebox(request: Request, image: Upload, params: ParamsDep, explainer: ExplainerDep) -> Response:
+    data = await read_upload(image, explainer.settings.max_upload_bytes)
+    return answer(request, await explainer.explain(data, params, WHITEBOX))
+
+
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True,
+            responses={503: {"model": Health, "description": "loading, or the black box does not answer"}})
+async def healthz(request: Request) -> JSONResponse:
+    explainer: Explainer | None = getattr(request.app.state, "explainer", None)
+    if explainer is None:
+        return JSONResponse(Health(status="loading", surrogate=False).model_dump(exclude_none=True), status_code=503)
+    # Not under the explanation limiter: a busy explainer still answers its health check.
+    answers, detail = await anyio.to_thread.run_sync(explainer.blackbox_health)
+    health = Health(status="ready" if answers else "degraded", surrogate=True, surrogates=explainer.surrogates,
+                    blackbox="ok" if answers else "unreachable", blackbox_detail=None if answers else detail,
+                    classes=list(explainer.classes), image_size=explainer.image_size)
+    return JSONResponse(health.model_dump(exclude_none=True), status_code=200 if answers else 503)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)

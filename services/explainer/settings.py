@@ -1,0 +1,155 @@
+"""Explainer settings: CLI flags or EXPLAINER_* environment variables, validated before anything loads."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import torch
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.checkpoints import CONFIG, WEIGHTS
+from shared.explain.base import MAX_QUERIES_LIMIT
+
+# The black box's own rule for X-Client-Id (services/blackbox/counter.py): printable ASCII, no spaces.
+CLIENT_ID = re.compile(r"[!-~]{1,64}")
+MIN_TOKEN_LENGTH = 16
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    missing = [name for name in (CONFIG, WEIGHTS) if not (path / name).is_file()]
+    return f"{path} is not a checkpoint folder: {', '.join(missing)} missing" if missing else None
+
+
+class ExplainerSettings(BaseSettings):
+    """Every field can be set as EXPLAINER_<NAME>; explicit arguments win over the environment.
+
+    EXPLAINER_SURROGATE takes one path, a comma-separated list or a JSON list (several surrogates
+    make an ensemble). EXPLAINER_WHITEBOX_TOKEN set to an empty string means the white-box route is off.
+    """
+
+    # hide_input_in_errors: a validation error must never echo the token back (logs, tracebacks).
+    model_config = SettingsConfigDict(env_prefix="EXPLAINER_", extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    surrogate: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path("models/surrogate")],
+        description="surrogate checkpoint folder(s); more than one makes an ensemble (summed gradients)",
+    )
+    blackbox_url: str = Field("http://127.0.0.1:8000", description="base URL of the black-box service")
+    whitebox_model: Path | None = Field(None, description="the real model's checkpoint, for /internal/whitebox/explain")
+    whitebox_token: SecretStr | None = Field(None, description="bearer token of the white-box route; unset or empty = off")
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8001, ge=0, le=65535)
+    client_id: str = Field("advexplain-explainer", description="X-Client-Id sent to the black box")
+    connect_timeout: float = Field(5.0, gt=0, le=300, description="seconds to connect to the black box")
+    read_timeout: float = Field(30.0, gt=0, le=3600, description="seconds to wait for one black-box answer")
+    connect_retries: int = Field(2, ge=0, le=10, description="retries of failed connects only (a sent POST is never resent)")
+    blackbox_connections: int = Field(8, ge=1, le=256, description="pooled connections to the black box")
+    health_timeout: float = Field(2.0, gt=0, le=60, description="seconds /healthz waits for the black box")
+    max_concurrency: int = Field(1, ge=1, le=64, description="explanations running at once (torch work)")
+    max_upload_bytes: int = Field(10_000_000, ge=1024, description="whole request body, bytes")
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height of the upload, checked before decoding")
+    max_queries: int = Field(200, ge=1, le=MAX_QUERIES_LIMIT, description="upper limit of a request's max_queries")
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: leave the process's)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @field_validator("surrogate", mode="before")
+    @classmethod
+    def _split_paths(cls, value):
+        if isinstance(value, (str, Path)):
+            text = str(value).strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list of paths: {exc}") from exc
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("surrogate")
+    @classmethod
+    def _surrogates_exist(cls, value: list[Path]) -> list[Path]:
+        if not value:
+            raise ValueError("at least one surrogate checkpoint is needed")
+        problems = [p for p in map(_checkpoint_problem, value) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("whitebox_model", mode="before")
+    @classmethod
+    def _empty_model_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("whitebox_model")
+    @classmethod
+    def _whitebox_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and (problem := _checkpoint_problem(value)):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("whitebox_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value):
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(raw, str) and raw == "" else value
+
+    @field_validator("whitebox_token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the value.
+        if value is not None:
+            secret = value.get_secret_value()
+            if len(secret) < MIN_TOKEN_LENGTH or secret != secret.strip() or not secret.isprintable():
+                raise ValueError(f"whitebox_token must be at least {MIN_TOKEN_LENGTH} printable characters "
+                                 "without surrounding spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        return value
+
+    @field_validator("blackbox_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            url = httpx.URL(value)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ValueError(f"blackbox_url is not a URL: {exc}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"blackbox_url must be an http(s) URL with a host, got {value!r}")
+        if url.query or url.fragment:
+            raise ValueError("blackbox_url must not have a query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        if not CLIENT_ID.fullmatch(value):
+            raise ValueError("client_id must be 1-64 printable ASCII characters without spaces")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_available(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        if value.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {value} was asked for but torch sees no CUDA device")
+            index = int(value.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device {value}: only {torch.cuda.device_count()} CUDA device(s)")
+        return value
+
+    @property
+    def whitebox_enabled(self) -> bool:
+        """The white-box route exists only with both a token and a model."""
+        return self.whitebox_token is not None and self.whitebox_model is not None
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
