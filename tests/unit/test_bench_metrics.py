@@ -1,0 +1,115 @@
+"""The metric functions behind bench/{peers_attacks,saliency_faithfulness,agreement}.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from common import (auc, blend_curve_inputs, gaussian_blur, rank_order, spearman,  # noqa: E402
+                    topk_iou, topk_mask)
+from peers_attacks import CountingNetwork  # noqa: E402
+
+FRACTIONS = [i / 16 for i in range(17)]
+
+
+class RegionModel(nn.Module):
+    """Toy 2-class model: the 'mistaken' class 0 is driven by the brightness of one 4x4 region."""
+
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.region = torch.zeros(size, size, dtype=torch.bool)
+        self.region[2:6, 9:13] = True
+
+    def forward(self, x):
+        evidence = (x * self.region).sum(dim=(1, 2, 3)) / self.region.sum() / 3
+        logit = 20 * (evidence - 0.5)
+        return torch.stack([logit, -logit], dim=1)
+
+
+def deletion_auc(model, image, saliency):
+    baseline = torch.zeros_like(image)
+    batch = blend_curve_inputs(image, baseline, saliency, FRACTIONS, seed=0)
+    with torch.no_grad():
+        p = torch.softmax(model(batch), dim=1)[:, 0]
+    return auc(FRACTIONS, p.tolist())
+
+
+def test_deletion_auc_ranks_a_perfect_map_above_random_and_inverted():
+    model = RegionModel()
+    image = torch.full((3, 16, 16), 0.9)
+    perfect = model.region.float()
+    random_map = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
+    inverted = 1 - perfect
+    perfect_auc = deletion_auc(model, image, perfect)
+    assert perfect_auc < deletion_auc(model, image, random_map) < deletion_auc(model, image, inverted)
+    assert perfect_auc < 0.1  # the 16 region pixels are the first 1/16 removed
+
+
+def test_blend_endpoints_and_counts():
+    start, end = torch.zeros(3, 8, 8), torch.ones(3, 8, 8)
+    saliency = torch.arange(64.0).view(8, 8)
+    out = blend_curve_inputs(start, end, saliency, [0.0, 0.25, 1.0])
+    assert torch.equal(out[0], start) and torch.equal(out[2], end)
+    changed = out[1][0] == 1
+    assert int(changed.sum()) == 16
+    assert bool(changed.flatten()[-16:].all())  # the 16 highest values were replaced first
+    assert torch.equal(start, torch.zeros(3, 8, 8))  # inputs untouched
+
+
+def test_auc_of_constants():
+    assert auc(FRACTIONS, [1.0] * len(FRACTIONS)) == pytest.approx(1.0)
+    assert auc(FRACTIONS, FRACTIONS) == pytest.approx(0.5)
+
+
+def test_rank_order_and_ties_are_seeded():
+    saliency = torch.tensor([[0.0, 3.0], [1.0, 2.0]])
+    assert rank_order(saliency).tolist() == [1, 3, 2, 0]
+    flat = torch.zeros(10, 10)
+    assert torch.equal(rank_order(flat, seed=3), rank_order(flat, seed=3))
+    assert not torch.equal(rank_order(flat, seed=3), rank_order(flat, seed=4))
+    assert int(topk_mask(torch.rand(10, 10), 0.1).sum()) == 10
+
+
+def test_topk_iou_on_hand_made_maps():
+    a = torch.zeros(10, 10)
+    a[0] = torch.arange(1.0, 11.0)          # top 10% = row 0
+    b = torch.zeros(10, 10)
+    b[9] = torch.arange(1.0, 11.0)          # top 10% = row 9
+    c = a.clone()
+    c[0, :5] = 0
+    c[1, :5] = 100                         # half of row 0 swapped for half of row 1
+    assert topk_iou(a, a * 2 + 1) == 1.0
+    assert topk_iou(a, b) == 0.0
+    assert topk_iou(a, c) == pytest.approx(5 / 15)
+
+
+def test_spearman_on_hand_made_maps():
+    a = torch.rand(8, 8, generator=torch.Generator().manual_seed(1))
+    assert spearman(a, a.exp()) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert torch.isnan(torch.tensor(spearman(a, torch.zeros(8, 8))))
+
+
+def test_gaussian_blur_keeps_constants_and_smooths():
+    flat = torch.full((3, 16, 16), 0.3)
+    assert torch.allclose(gaussian_blur(flat), flat, atol=1e-6)
+    spike = torch.zeros(1, 16, 16)
+    spike[0, 8, 8] = 1
+    blurred = gaussian_blur(spike)
+    assert blurred.max() < 0.1 and blurred.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_counting_network_counts_every_image_and_hides_scores():
+    net = CountingNetwork(RegionModel(), label_only=True)
+    out = net(torch.rand(7, 3, 16, 16))
+    net(torch.rand(2, 3, 16, 16))
+    assert net.count == 9
+    assert set(out.unique().tolist()) <= {0.0, 1.0} and torch.equal(out.sum(1), torch.ones(7))
+    scores = CountingNetwork(RegionModel(), label_only=False)(torch.rand(3, 3, 16, 16))
+    assert torch.allclose(scores.sum(1), torch.ones(3)) and not set(scores.unique().tolist()) <= {0.0, 1.0}
