@@ -341,6 +341,22 @@ def test_black_box_answering_5xx_or_junk(settings_for, cases, predict, status, c
         assert {(s.labels["outcome"], s.value) for s in errors} == {("error", 1.0)}
 
 
+def test_a_black_box_with_other_classes_is_refused_before_any_query(settings_for, cases):
+    image, label, _ = cases[0]
+    posts = []
+
+    def route(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/healthz":
+            return httpx.Response(200, json={"status": "ready", "classes": ["cat", "dog"], "max_images": 64})
+        posts.append(request)
+        return httpx.Response(500)
+
+    with httpx.Client(transport=httpx.MockTransport(route)) as http, \
+            TestClient(create_app(settings_for(blackbox_url="http://fake"), blackbox_client=http)) as c:
+        body = assert_error(c.post("/explain", **upload(image, label)), 502, "blackbox_bad_response")
+    assert "classes" in body["error"]["message"] and posts == []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
