@@ -29,7 +29,7 @@ PAIRS = {
     # name: (map A, map B)
     "margin: white-box vs black-box": ("ours white-box margin", "ours black-box margin"),
     "paper: white-box vs black-box": ("ours white-box paper", "ours black-box paper"),
-    "margin-l2: white-box vs black-box": ("ours white-box margin-l2", "ours black-box margin-l2"),
+    "margin-linf: white-box vs black-box": ("ours white-box margin-linf", "ours black-box margin-linf"),
     "white-box: margin vs paper": ("ours white-box margin", "ours white-box paper"),
 }
 

@@ -114,10 +114,10 @@ OUR_SETTINGS = {
     "ours white-box paper": ("paper", "blackbox", "blackbox"),
     "ours black-box margin": ("margin", "surrogate", "label_only"),
     "ours black-box paper": ("paper", "surrogate", "label_only"),
-    # The default margin walk takes L-inf steps (|g|_1 sign(g)), which move nearly every pixel by
-    # the same amount; its L2 variant moves pixels in proportion to the gradient.
-    "ours white-box margin-l2": ("margin", "blackbox", "blackbox", {"norm": "l2"}),
-    "ours black-box margin-l2": ("margin", "surrogate", "label_only", {"norm": "l2"}),
+    # The default margin walk takes L2 steps (pixels move in proportion to the gradient);
+    # margin-linf takes L-inf steps (|g|_1 sign(g)), which move nearly every pixel by the same amount.
+    "ours white-box margin-linf": ("margin-linf", "blackbox", "blackbox"),
+    "ours black-box margin-linf": ("margin-linf", "surrogate", "label_only"),
 }
 
 

@@ -133,9 +133,10 @@ def main() -> int:
         "distilled": members["distilled"],
         "ensemble": EnsembleSurrogate([members["ground-truth"], members["distilled"]]),
     }
-    runs = [("whitebox", "paper", None, False), ("whitebox", "margin", None, True)]
+    runs = [("whitebox", "paper", None, False), ("whitebox", "margin", None, True), ("whitebox", "margin-linf", None, True)]
     for surrogate in ("ground-truth", "distilled", "ensemble"):
-        runs += [("blackbox", "paper", surrogate, False), ("blackbox", "margin", surrogate, True)]
+        runs += [("blackbox", "paper", surrogate, False), ("blackbox", "margin", surrogate, True),
+                 ("blackbox", "margin-linf", surrogate, True)]
 
     summary = []
     for mode, method, surrogate, label_only in runs:

@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ours("hard-label | ours black-box margin", "margin", "surrogate", "label_only")
     ours("hard-label | ours black-box paper", "paper", "surrogate", "label_only")
     ours("hard-label | ours white-box margin", *OUR_SETTINGS["ours white-box margin"])
+    ours("hard-label | ours black-box margin-linf", *OUR_SETTINGS["ours black-box margin-linf"])
+    ours("hard-label | ours white-box margin-linf", *OUR_SETTINGS["ours white-box margin-linf"])
     ours("hard-label | ours white-box paper", *OUR_SETTINGS["ours white-box paper"])
     if not args.skip_peers:
         for label, spec in (("hard-label | HopSkipJump small", args.hsj_small), ("hard-label | HopSkipJump", args.hsj)):
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
             configs[label] = cfg
     # score condition
     ours("score | ours black-box margin", "margin", "surrogate", "scores")
+    ours("score | ours black-box margin-linf", "margin-linf", "surrogate", "scores")
     ours("score | ours black-box paper", "paper", "surrogate", "scores")
     if not args.skip_peers:
         for label, attack, eps in (("score | SimBA-px", "px", args.simba_px_eps), ("score | SimBA-DCT", "dct", args.simba_dct_eps)):
@@ -190,6 +193,9 @@ def main(argv=None) -> int:
     targets = {
         "black-box margin (hard-label)": check_targets(methods["hard-label | ours black-box margin"]["aggregate"], 0.99, 2.0, 4.0),
         "white-box margin": check_targets(methods["hard-label | ours white-box margin"]["aggregate"], 1.0, 1.1, 2.0),
+        "black-box margin-linf (hard-label)": check_targets(
+            methods["hard-label | ours black-box margin-linf"]["aggregate"], 0.99, 2.0, 4.0),
+        "white-box margin-linf": check_targets(methods["hard-label | ours white-box margin-linf"]["aggregate"], 1.0, 1.1, 2.0),
     }
     for k, v in targets.items():
         print(f"target {k}: {v}")

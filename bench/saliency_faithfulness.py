@@ -7,8 +7,8 @@ Maps (one value per pixel, H x W), all for the same misclassified images:
   ours white-box margin / ours black-box margin / ours black-box paper  Algorithm 2's magnitude
       (per-pixel L2 over channels of the inverted perturbation), unthresholded for ranking: its top
       pixels are exactly Algorithm 2's kept pixels in the same order.
-  ours ... margin-l2  the margin search with L2 instead of L-inf steps (not the default), whose
-      perturbation follows the gradient's magnitude instead of its sign.
+  ours ... margin-linf  the margin search with L-inf instead of L2 steps, whose perturbation
+      follows the gradient's sign (every pixel moves by about the same amount) instead of its size.
   random  a seeded random map (the floor).
 
 Scores, all from the black box's probabilities (evaluation only; not counted as queries); the
@@ -42,7 +42,7 @@ from shared.saliency import saliency_map
 FRACTIONS = [i / 32 for i in range(33)]
 FLIP_FRACTIONS = (0.01, 0.05, 0.10)
 OURS = ("ours white-box margin", "ours black-box margin", "ours black-box paper",
-        "ours white-box margin-l2", "ours black-box margin-l2")
+        "ours white-box margin-linf", "ours black-box margin-linf")
 
 
 def channel_norm(attribution: torch.Tensor) -> torch.Tensor:

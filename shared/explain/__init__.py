@@ -4,8 +4,9 @@
 
 `gradient_source` is a DifferentiableClassifier (the real model for white-box, Algorithm 1; a
 surrogate or an EnsembleSurrogate for black-box, Algorithm 3); `oracle` is any Classifier, and
-every image sent to it counts one query. Methods: `paper` (the published line search) and
-`margin` (the default: free surrogate steps to a logit margin, then one 8-bit query).
+every image sent to it counts one query. Methods: `paper` (the published line search), `margin`
+(the default: free L2 steps on the gradient source to a logit margin, then one 8-bit query) and
+`margin-linf` (the same with L-inf steps: smallest L-inf change, flat saliency maps).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 from shared.errors import InvalidInput
 from shared.explain.base import MAX_ALPHA, MAX_QUERIES_LIMIT, Explanation, Method, quantise
 from shared.explain.ensemble import EnsembleSurrogate
-from shared.explain.margin import MarginSearch
+from shared.explain.margin import MarginSearch, MarginSearchLinf
 from shared.explain.paper import PaperLineSearch, epsilon_schedule
 
-METHODS: dict[str, Method] = {m.name: m for m in (MarginSearch(), PaperLineSearch())}
+METHODS: dict[str, Method] = {m.name: m for m in (MarginSearch(), MarginSearchLinf(), PaperLineSearch())}
 DEFAULT_METHOD = "margin"
 # 20 oracle images: the first prediction plus the paper's whole schedule at the default alpha
 # (19 eps values), and ten times what the margin method needs on average.

@@ -13,6 +13,15 @@ rather than the loss along a fixed direction; every queried image is on the 8-bi
 adversarial example is exactly the PNG the service returns. When the gradient source IS the
 oracle (white-box), a margin just above 0 is exact, so the first query succeeds.
 
+Two step geometries, registered as two methods: `margin` (the default) takes DeepFool's L2 steps,
+which concentrate the change on the pixels the gradient source cares most about, so Algorithm 2's
+map has a shape; `margin-linf` takes the smallest L-inf steps (every pixel moves by the same
+amount), which gives the smallest L-inf perturbation but a nearly flat saliency map. On the
+gender-faces CPU models (95 misclassified images, label-only black box) `margin` reached 100%
+with 1.85 mean search queries, median L2 0.86 and L-inf 24/255, and its maps scored a deletion
+AUC of 0.65 (Captum's Saliency 0.63, random 0.74); `margin-linf` reached 100%, 1.87, L2 1.34 and
+L-inf 4/255, with maps at the random floor (0.75). See bench/README.md.
+
 An optional final search (`refine` queries, default 0 to keep the query count low) bisects the
 scale t in (0, 1] of the found perturbation for the smallest one the oracle still accepts.
 """
@@ -62,7 +71,7 @@ class MarginSearch(Method):
         "max_rounds": 10,
         "refine": 0,
         "quantise": True,
-        "norm": "linf",
+        "norm": "l2",
     }
 
     def validate_options(self, options: dict) -> dict:
@@ -148,3 +157,10 @@ class MarginSearch(Method):
         if s.last_prediction != s.label:
             s.last_prediction = s.label  # the best candidate was accepted by an earlier query
         return best
+
+
+class MarginSearchLinf(MarginSearch):
+    """The margin search with L-inf steps: the smallest L-inf change, but a flat saliency map."""
+
+    name = "margin-linf"
+    defaults = {**MarginSearch.defaults, "norm": "linf"}
