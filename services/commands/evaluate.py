@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -175,7 +176,8 @@ def run(args) -> int:
     for n, (i, r, sal) in enumerate(zip(wrong, results, maps)):
         if n >= GALLERY:
             break
-        name = f"{n:02d}_{Path(data.paths[i]).stem if data.paths else i}.png"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data.paths[i]).stem if data.paths else str(i))
+        name = f"{n:02d}_{stem}.png"
         (out / "gallery" / name).write_bytes(render_explanation(r, sal)["panel"])
         gallery.append(name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -24,7 +25,9 @@ def test_evaluate_writes_consistent_report(tiny_models, tmp_path, mode, method):
     assert metrics["mean_search_queries"] == pytest.approx(sum(line["search_queries"] for line in lines) / 3)
     assert metrics["success_rate"] == pytest.approx(sum(line["success"] for line in lines) / 3)
     assert all(not line["already_correct"] for line in lines)
-    assert len(list((out / "gallery").glob("*.png"))) == 3
+    gallery = list((out / "gallery").glob("*.png"))
+    assert len(gallery) == 3
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in gallery), "portable file names"
     report = (out / "report.md").read_text()
     assert "99.67%" in report or "73.08%" in report
 
