@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import OrderedDict
 
 from shared.errors import InvalidInput
 
 DEFAULT_CLIENT = "anonymous"
 MAX_CLIENT_ID = 64
+DEFAULT_MAX_CLIENTS = 10_000
 # Printable ASCII without spaces: it ends up in logs, headers and (bounded) metric labels.
 CLIENT_ID = re.compile(r"[!-~]{1,%d}" % MAX_CLIENT_ID)
 
@@ -25,20 +27,31 @@ def parse_client_id(header: str | None) -> str:
 class QueryCounter:
     """Running totals per client and overall. `add` is atomic and returns the client's new total.
 
-    Memory grows with the number of distinct client ids (each at most 64 characters); the metric
-    labels derived from them are capped separately (services.common.metrics.BoundedLabels).
+    Memory is bounded: at most `max_clients` client ids keep their own running total, least recently
+    used first out. Any client can mint ids (the header is free text), so without a bound a caller
+    could grow this map until the process dies. An evicted client's count moves to `retired`, so
+    nothing is lost: `total == sum(snapshot().values()) + retired` always holds. A client that comes
+    back after eviction starts again from zero in its own total (X-Query-Count); a client that keeps
+    querying is never evicted while fewer than `max_clients` other ids appear between two of its queries.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_clients: int = DEFAULT_MAX_CLIENTS) -> None:
+        if max_clients < 1:
+            raise ValueError("max_clients must be >= 1")
+        self.max_clients = max_clients
         self._lock = threading.Lock()
-        self._by_client: dict[str, int] = {}
+        self._by_client: OrderedDict[str, int] = OrderedDict()
         self._total = 0
+        self._retired = 0
 
     def add(self, client: str, images: int) -> int:
         with self._lock:
-            count = self._by_client.get(client, 0) + images
-            self._by_client[client] = count
+            count = self._by_client.pop(client, 0) + images
+            self._by_client[client] = count  # (re)inserted last: the most recently used
             self._total += images
+            while len(self._by_client) > self.max_clients:
+                _, evicted = self._by_client.popitem(last=False)
+                self._retired += evicted
             return count
 
     def of(self, client: str) -> int:
@@ -49,6 +62,12 @@ class QueryCounter:
     def total(self) -> int:
         with self._lock:
             return self._total
+
+    @property
+    def retired(self) -> int:
+        """Images counted for clients evicted from the per-client map (still in `total`)."""
+        with self._lock:
+            return self._retired
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

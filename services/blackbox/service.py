@@ -20,7 +20,7 @@ class BlackBox:
     def __init__(self, classifier: LocalClassifier, settings: BlackboxSettings, metrics: ServiceMetrics):
         self.classifier = classifier
         self.settings = settings
-        self.counter = QueryCounter()
+        self.counter = QueryCounter(settings.max_clients)
         self._limiter = anyio.CapacityLimiter(settings.workers)
         self._client_label = BoundedLabels(settings.max_client_labels)
         self._queries = Counter(

@@ -29,6 +29,9 @@ class BlackboxSettings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="forward passes running at once")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_client_labels: int = Field(100, ge=1, le=10_000, description="distinct client ids with their own metric label")
+    max_clients: int = Field(10_000, ge=1, le=1_000_000,
+                             description="client ids with their own running total in memory (least recently used "
+                                         "first out; evicted counts stay in the total)")
 
     @field_validator("model")
     @classmethod

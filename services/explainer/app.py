@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from services.common.errors import install_error_handlers
 from services.common.limits import BodyLimitMiddleware
 from services.common.metrics import LatencyMiddleware, ServiceMetrics
+from services.explainer.auth import TokenGuardMiddleware
 from services.explainer.routes import router, whitebox_router
 from services.explainer.service import Explainer, build_http_client, load_surrogate
 from services.explainer.settings import ExplainerSettings
@@ -61,6 +62,9 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
     app.state.explainer = None
     install_error_handlers(app, on_error=metrics.record_error)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.whitebox_enabled:
+        # The token is checked from the headers before anything reads the body (see TokenGuardMiddleware).
+        app.add_middleware(TokenGuardMiddleware, token=settings.whitebox_token, on_error=metrics.record_error)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.include_router(router, form_limits={"max_files": 1})
     # Without a token and a model the white-box route does not exist: 404, and not in the schema.

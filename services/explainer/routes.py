@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated, Literal
 
 import anyio
@@ -12,9 +11,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.common.errors import ServiceNotReady, error_responses
 from services.common.images import read_upload
+from services.explainer.auth import token_problem
 from services.explainer.schemas import ExplainResponse, Health, explanation_headers, response_from
 from services.explainer.service import BLACKBOX, WHITEBOX, ExplainParams, Explainer, ExplainResult
-from shared.errors import Forbidden, InvalidInput, Unauthorized
+from shared.errors import InvalidInput
 from shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS
 from shared.explain.base import MAX_ALPHA
 from shared.saliency import DEFAULT_BETA, DEFAULT_TAU
@@ -89,12 +89,12 @@ bearer = HTTPBearer(auto_error=False, description="EXPLAINER_WHITEBOX_TOKEN")
 
 def require_token(request: Request,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    expected = request.app.state.settings.whitebox_token
-    if credentials is None or not credentials.credentials:
-        raise Unauthorized("this route needs `Authorization: Bearer <token>`", headers={"WWW-Authenticate": "Bearer"})
-    # Constant time over bytes: the comparison must not reveal how much of the token matched.
-    if not secrets.compare_digest(credentials.credentials.encode("utf-8"), expected.get_secret_value().encode("utf-8")):
-        raise Forbidden("the token is not valid for this route")
+    # TokenGuardMiddleware has already refused bad tokens before the body was read; this is the same
+    # check again, on the raw header, in case the route is ever mounted without the middleware.
+    raw = request.headers.get("authorization")
+    problem = token_problem(None if raw is None else raw.encode("latin-1"), request.app.state.settings.whitebox_token)
+    if problem is not None:
+        raise problem
 
 
 @whitebox_router.post(
