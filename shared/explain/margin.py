@@ -22,6 +22,15 @@ with 1.85 mean search queries, median L2 0.86 and L-inf 24/255, and its maps sco
 AUC of 0.65 (Captum's Saliency 0.63, random 0.74); `margin-linf` reached 100%, 1.87, L2 1.34 and
 L-inf 4/255, with maps at the random floor (0.75). See bench/README.md.
 
+In black-box mode the surrogate's margin gradient is averaged over the candidate and `smooth - 1`
+seeded Gaussian-noised copies (std `sigma` = 0.03; white-box keeps the exact gradient), which
+transfers better. Tuned on 60 misclassified elpv TRAIN images (label-only box): 60.0% -> 73.3%
+success, 5.40 -> 4.13 mean search queries. Reported (not tuned on): elpv validation (102 images)
+79.4% -> 84.3%, 3.96 -> 3.24 queries, median L2 3.20 -> 1.97, L-inf 53 -> 45/255; gender-faces
+validation (95) 100% -> 100%, 1.85 -> 1.66 queries, L2 0.86 -> 0.76, L-inf 24 -> 20/255.
+Spending the whole budget (max_rounds 19), gentler growth (1.5) and line-search queries along
+t * delta did not raise the tuning-set success.
+
 An optional final search (`refine` queries, default 0 to keep the query count low) bisects the
 scale t in (0, 1] of the found perturbation for the smallest one the oracle still accepts.
 """
@@ -54,7 +63,8 @@ class MarginSearch(Method):
     source is the oracle, else DEFAULT_TRANSFER_MARGIN), growth and margin_step (how the margin is
     raised after a failed query), overshoot (relative extra per DeepFool step), max_steps (free
     steps per query), max_rounds (failed queries before giving up), refine (extra queries spent
-    shrinking a found perturbation), quantise (round candidates to 8 bits).
+    shrinking a found perturbation), quantise (round candidates to 8 bits), smooth and sigma
+    (black-box gradient smoothing: samples and noise std; smooth 0 or 1 turns it off).
 
     image: (C, H, W) float in [0, 1]. Returns an image the oracle classifies as `label`.
 
@@ -72,6 +82,8 @@ class MarginSearch(Method):
         "refine": 0,
         "quantise": True,
         "norm": "l2",
+        "smooth": 4,
+        "sigma": 0.03,
     }
 
     def validate_options(self, options: dict) -> dict:
@@ -94,9 +106,11 @@ class MarginSearch(Method):
         margin = o["margin"]
         if margin is None:
             margin = WHITEBOX_MARGIN if s.gradient_source is s.oracle.oracle else DEFAULT_TRANSFER_MARGIN
+        # Smoothing helps transfer only; white-box keeps the exact gradient. Seeded: reproducible.
+        noise = None if s.gradient_source is s.oracle.oracle else torch.Generator().manual_seed(0)
         current = s.image.clone()
         for round_ in range(int(o["max_rounds"]) + 1):
-            candidate, reached, steps = self._walk(s, current, margin)
+            candidate, reached, steps = self._walk(s, current, margin, noise)
             current = candidate
             if s.query(candidate, margin=margin, steps=steps, surrogate_margin=reached,
                        linf=float((candidate - s.image).abs().max())):
@@ -106,16 +120,17 @@ class MarginSearch(Method):
             margin = margin * float(o["growth"]) + float(o["margin_step"])
         return None
 
-    def _walk(self, s: Search, start: torch.Tensor, target: float) -> tuple[torch.Tensor, float, int]:
+    def _walk(self, s: Search, start: torch.Tensor, target: float, noise=None) -> tuple[torch.Tensor, float, int]:
         """Free DeepFool steps on the gradient source from `start` until the snapped candidate has
-        margin >= target; returns (candidate, its margin, steps taken)."""
+        margin >= target; returns (candidate, its margin, steps taken). `noise` (a Generator)
+        turns on gradient smoothing."""
         o = s.options
         snap = quantise if o["quantise"] else (lambda t: t.clamp(0, 1))
         current = start.clone()
         candidate = snap(current)
         value = float("-inf")
         for step in range(int(o["max_steps"]) + 1):
-            value, grad = margin_and_gradient(s.gradient_source, candidate, s.label)
+            value, grad = self._margin_and_gradient(s, candidate, noise)
             if value >= target or step == int(o["max_steps"]):
                 return candidate, value, step
             norm2 = float((grad * grad).sum())
@@ -138,6 +153,19 @@ class MarginSearch(Method):
             current = (current + direction).clamp(0, 1)
             candidate = snap(current)
         return candidate, value, int(o["max_steps"])
+
+    def _margin_and_gradient(self, s: Search, image: torch.Tensor, noise) -> tuple[float, torch.Tensor]:
+        """The margin at `image`; with a `noise` generator, its gradient averaged with `smooth - 1`
+        Gaussian-noised copies (std `sigma`), which transfers better to the black box."""
+        value, grad = margin_and_gradient(s.gradient_source, image, s.label)
+        n = int(s.options["smooth"])
+        if noise is not None and n > 1:
+            sigma = float(s.options["sigma"])
+            for _ in range(n - 1):
+                jitter = torch.randn(image.shape, generator=noise).to(image.device, image.dtype)
+                grad = grad + margin_and_gradient(s.gradient_source, (image + sigma * jitter).clamp(0, 1), s.label)[1]
+            grad = grad / n
+        return value, grad
 
     def _refine(self, s: Search, found: torch.Tensor, snap, queries: int) -> torch.Tensor:
         """Bisect t in (0, 1]: the smallest scaled perturbation the oracle still accepts."""

@@ -187,3 +187,24 @@ def test_to_dict_is_json_safe(setting):
     result = explain(image, label, setting["surrogate"], fresh_oracle(setting))
     d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert d["queries"] == result.queries and d["search_queries"] == result.queries - 1
+
+
+def test_margin_smooths_surrogate_gradients_only(setting):
+    from shared.explain.base import BudgetedOracle, Search, margin_and_gradient
+    image, label = image_of(setting, setting["wrong"][3])
+    surrogate, method = setting["surrogate"], METHODS["margin"]
+    # Black-box: the gradient is averaged over seeded noisy copies; the margin itself is exact.
+    s = Search(image, label, surrogate, BudgetedOracle(fresh_oracle(setting), 20), 2.0, method.validate_options({}))
+    exact_value, exact_grad = margin_and_gradient(surrogate, image, label)
+    value, grad = method._margin_and_gradient(s, image, torch.Generator().manual_seed(0))
+    assert value == exact_value and not torch.allclose(grad, exact_grad)
+    assert torch.equal(method._margin_and_gradient(s, image, None)[1], exact_grad)
+    # Seeded, so a black-box explanation is reproducible, and it stays within the budget.
+    runs = [explain(image, label, surrogate, fresh_oracle(setting, True), max_queries=20) for _ in range(2)]
+    assert torch.equal(runs[0].adversarial, runs[1].adversarial) and runs[0].queries == runs[1].queries <= 20
+    # White-box keeps the exact gradient: the smoothing options change nothing.
+    results = []
+    for options in ({}, {"smooth": 0}, {"smooth": 8, "sigma": 0.2}):
+        oracle = fresh_oracle(setting)
+        results.append(explain(image, label, oracle, oracle, **options))
+    assert all(torch.equal(r.adversarial, results[0].adversarial) and r.trace == results[0].trace for r in results)
