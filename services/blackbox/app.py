@@ -13,7 +13,7 @@ from services.blackbox.routes import router
 from services.blackbox.service import BlackBox
 from services.blackbox.settings import BlackboxSettings
 from services.common.errors import install_error_handlers
-from services.common.limits import BodyLimitMiddleware
+from services.common.limits import BodyLimitMiddleware, HeaderLimitMiddleware
 from services.common.metrics import LatencyMiddleware, ServiceMetrics
 from shared.classifiers import LocalClassifier
 
@@ -51,6 +51,7 @@ def create_app(settings: BlackboxSettings) -> FastAPI:
     install_error_handlers(app, on_error=metrics.record_error)
     # Enforced while the body streams in: a Content-Length over the limit is refused before reading.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(HeaderLimitMiddleware, on_error=metrics.record_error)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     # The file-count limit also stops the multipart parser early; the handler map answers it with 413.
     app.include_router(router, form_limits={"max_files": settings.max_images})

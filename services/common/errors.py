@@ -63,6 +63,7 @@ HTTP_CODES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    431: "headers_too_large",
 }
 
 
@@ -97,6 +98,7 @@ DESCRIPTIONS = {
     415: "Not an image, or an image format that is not accepted",
     422: "The request does not have the documented form (e.g. no `image` field)",
     429: "Query budget exceeded",
+    431: "Too many header lines, or too many bytes of headers",
     502: "The black box gave an unusable answer",
     503: "Not ready, or the black box is unreachable",
     504: "The black box did not answer in time",

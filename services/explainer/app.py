@@ -11,7 +11,7 @@ import torch
 from fastapi import FastAPI
 
 from services.common.errors import install_error_handlers
-from services.common.limits import BodyLimitMiddleware
+from services.common.limits import BodyLimitMiddleware, HeaderLimitMiddleware
 from services.common.metrics import LatencyMiddleware, ServiceMetrics
 from services.explainer.auth import TokenGuardMiddleware
 from services.explainer.routes import router, whitebox_router
@@ -65,6 +65,7 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
     if settings.whitebox_enabled:
         # The token is checked from the headers before anything reads the body (see TokenGuardMiddleware).
         app.add_middleware(TokenGuardMiddleware, token=settings.whitebox_token, on_error=metrics.record_error)
+    app.add_middleware(HeaderLimitMiddleware, on_error=metrics.record_error)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.include_router(router, form_limits={"max_files": 1})
     # Without a token and a model the white-box route does not exist: 404, and not in the schema.
