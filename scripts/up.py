@@ -40,14 +40,21 @@ def write_samples(blackbox: Path, out: Path, count: int) -> list[tuple[Path, str
 
     from shared.checkpoints import load_checkpoint
     from shared.data import load_images
-    from shared.training import predict
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(blackbox)
     spec = ckpt.meta.data.get("spec", "elpv")
     images = load_images(spec, "validation", ckpt.meta.image_size, progress=False)
-    wrong = (predict(ckpt.model, images) != images.labels).nonzero().flatten()[:count]
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(ckpt.model(images.as_float(slice(i, i + 256))), 1)
+                           for i in range(0, len(images), 256)])
+    wrong = (probs.argmax(1) != images.labels).nonzero().flatten()
+    # Borderline mistakes first (the true class nearly won): the clearest demonstrations.
+    p_true = probs[wrong, images.labels[wrong]]
+    wrong = wrong[p_true.argsort(descending=True)][:count]
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("misclassified-*.png"):  # samples of earlier models would mislead
+        old.unlink()
     written = []
     for n, i in enumerate(wrong.tolist()):
         label = images.classes[int(images.labels[i])]
@@ -72,6 +79,10 @@ def main() -> int:
     explainer_url = f"http://{args.host}:{args.explainer_port}"
     env = {**os.environ, "EXPLAINER_WHITEBOX_TOKEN": token, "ADVEXPLAIN_THREADS": os.environ.get("ADVEXPLAIN_THREADS", "1")}
     procs: list[subprocess.Popen] = []
+    stopping = []
+    # Ctrl-C reaches this process only (the services run in their own sessions), which then stops
+    # both services in order and waits for their clean shutdown.
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
 
     def stop(*_):
         for proc in procs:
@@ -86,12 +97,14 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
     try:
         procs.append(subprocess.Popen(cli + ["serve", "blackbox", "--model", str(args.models / "blackbox"),
-                                             "--host", args.host, "--port", str(args.blackbox_port)], env=env))
+                                             "--host", args.host, "--port", str(args.blackbox_port)], env=env,
+                                      start_new_session=True))
         wait_healthy(blackbox_url, procs[0], timeout=60)
         procs.append(subprocess.Popen(cli + ["serve", "explainer", "--surrogate", str(args.models / "surrogate"),
                                              "--blackbox-url", blackbox_url,
                                              "--whitebox-model", str(args.models / "blackbox"),
-                                             "--host", args.host, "--port", str(args.explainer_port)], env=env))
+                                             "--host", args.host, "--port", str(args.explainer_port)], env=env,
+                                      start_new_session=True))
         wait_healthy(explainer_url, procs[1], timeout=60)
         samples = write_samples(args.models / "blackbox", args.samples, count=4)
         sample, label = samples[0] if samples else (Path("your-image.png"), "<true label>")
@@ -106,19 +119,19 @@ Explain a misclassification (black box, Algorithm 3 and better):
   curl -s -F image=@{sample} -F label={label} {explainer_url}/explain | python -m json.tool | head -30
 Get the panel PNG straight away:
   curl -s -H 'Accept: image/png' -F image=@{sample} -F label={label} {explainer_url}/explain -o panel.png
-White box (the real model's gradients, Algorithm 1):
-  curl -s -H 'Authorization: Bearer {token}' -F image=@{sample} -F label={label} -F method=paper {explainer_url}/internal/whitebox/explain | head -c 600
+White box (the real model's gradients; add -F method=paper for the published Algorithm 1):
+  curl -s -H 'Authorization: Bearer {token}' -F image=@{sample} -F label={label} {explainer_url}/internal/whitebox/explain | head -c 600
 Ask the black box directly:
   curl -s -H 'X-Client-Id: me' -F image=@{sample} {blackbox_url}/predict
 
 Ctrl-C stops both services.""", flush=True)
         while all(proc.poll() is None for proc in procs):
-            time.sleep(0.5)
+            if stopping:
+                print("\nstopping both services", flush=True)
+                return 0
+            time.sleep(0.3)
         print("a service stopped; shutting the other down", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nstopping both services", flush=True)
-        return 0
     finally:
         stop()
 
