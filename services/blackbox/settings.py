@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from shared.checkpoints import CONFIG, WEIGHTS
+from services.common.settings import ServiceSettings, checkpoint_problem
 
 
-class BlackboxSettings(BaseSettings):
+class BlackboxSettings(ServiceSettings):
     """Every field can be set as BLACKBOX_<NAME> (e.g. BLACKBOX_MAX_IMAGES=32); explicit arguments win."""
 
     model_config = SettingsConfigDict(env_prefix="BLACKBOX_", extra="forbid", frozen=True)
@@ -27,7 +25,6 @@ class BlackboxSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of one image, checked before decoding")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: leave the process's)")
     workers: int = Field(1, ge=1, le=64, description="forward passes running at once")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_client_labels: int = Field(100, ge=1, le=10_000, description="distinct client ids with their own metric label")
     max_clients: int = Field(10_000, ge=1, le=1_000_000,
                              description="client ids with their own running total in memory (least recently used "
@@ -36,26 +33,6 @@ class BlackboxSettings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _checkpoint_exists(cls, value: Path) -> Path:
-        missing = [name for name in (CONFIG, WEIGHTS) if not (value / name).is_file()]
-        if missing:
-            raise ValueError(f"{value} is not a checkpoint folder: {', '.join(missing)} missing")
+        if problem := checkpoint_problem(value):
+            raise ValueError(problem)
         return value
-
-    @field_validator("device")
-    @classmethod
-    def _device_available(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
-        if value.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {value} was asked for but torch sees no CUDA device")
-            index = int(value.partition(":")[2] or 0)
-            if index >= torch.cuda.device_count():
-                raise ValueError(f"device {value}: only {torch.cuda.device_count()} CUDA device(s)")
-        return value
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)

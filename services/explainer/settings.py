@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-import torch
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from shared.checkpoints import CONFIG, WEIGHTS
+from services.common.settings import ServiceSettings, checkpoint_problem
 from shared.explain.base import MAX_QUERIES_LIMIT
 
 # The black box's own rule for X-Client-Id (services/blackbox/counter.py): printable ASCII, no spaces.
@@ -20,12 +19,7 @@ CLIENT_ID = re.compile(r"[!-~]{1,64}")
 MIN_TOKEN_LENGTH = 16
 
 
-def _checkpoint_problem(path: Path) -> str | None:
-    missing = [name for name in (CONFIG, WEIGHTS) if not (path / name).is_file()]
-    return f"{path} is not a checkpoint folder: {', '.join(missing)} missing" if missing else None
-
-
-class ExplainerSettings(BaseSettings):
+class ExplainerSettings(ServiceSettings):
     """Every field can be set as EXPLAINER_<NAME>; explicit arguments win over the environment.
 
     EXPLAINER_SURROGATE takes one path, a comma-separated list or a JSON list (several surrogates
@@ -55,7 +49,6 @@ class ExplainerSettings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of the upload, checked before decoding")
     max_queries: int = Field(200, ge=1, le=MAX_QUERIES_LIMIT, description="upper limit of a request's max_queries")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: leave the process's)")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
 
     @field_validator("surrogate", mode="before")
     @classmethod
@@ -76,7 +69,7 @@ class ExplainerSettings(BaseSettings):
     def _surrogates_exist(cls, value: list[Path]) -> list[Path]:
         if not value:
             raise ValueError("at least one surrogate checkpoint is needed")
-        problems = [p for p in map(_checkpoint_problem, value) if p]
+        problems = [p for p in map(checkpoint_problem, value) if p]
         if problems:
             raise ValueError("; ".join(problems))
         return value
@@ -89,7 +82,7 @@ class ExplainerSettings(BaseSettings):
     @field_validator("whitebox_model")
     @classmethod
     def _whitebox_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and (problem := _checkpoint_problem(value)):
+        if value is not None and (problem := checkpoint_problem(value)):
             raise ValueError(problem)
         return value
 
@@ -130,26 +123,8 @@ class ExplainerSettings(BaseSettings):
             raise ValueError("client_id must be 1-64 printable ASCII characters without spaces")
         return value
 
-    @field_validator("device")
-    @classmethod
-    def _device_available(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
-        if value.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {value} was asked for but torch sees no CUDA device")
-            index = int(value.partition(":")[2] or 0)
-            if index >= torch.cuda.device_count():
-                raise ValueError(f"device {value}: only {torch.cuda.device_count()} CUDA device(s)")
-        return value
 
     @property
     def whitebox_enabled(self) -> bool:
         """The white-box route exists only with both a token and a model."""
         return self.whitebox_token is not None and self.whitebox_model is not None
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
