@@ -21,10 +21,7 @@ import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -39,6 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from services.common.images import decode_image  # noqa: E402
+from services.launch import ServiceProcess  # noqa: E402
 from shared.checkpoints import load_checkpoint  # noqa: E402
 from shared.classifiers import LocalClassifier  # noqa: E402
 from shared.data import load_images  # noqa: E402
@@ -50,48 +48,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLIENT_ID = "bench-explainer-latency"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png(x: torch.Tensor) -> bytes:
     arr = x.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr, "RGB").save(buf, format="PNG")
     return buf.getvalue()
-
-
-def start(argv: list[str], log: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "--threads", "1", *argv], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url} exited with status {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} was not ready after {timeout:.0f}s")
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    for proc in procs:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,21 +99,18 @@ def main() -> int:
     uploads = [(png(x[i]), data.classes[int(data.labels[i])]) for i in chosen]
     size = sg_ckpt.meta.image_size
 
-    bb_port, ex_port = free_port(), free_port()
-    bb_url, ex_url = f"http://127.0.0.1:{bb_port}", f"http://127.0.0.1:{ex_port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXPLAINER_", "BLACKBOX_"))}
-    env.update(ADVEXPLAIN_THREADS="1", OMP_NUM_THREADS="1", EXPLAINER_CLIENT_ID=CLIENT_ID)
     logs = Path(tempfile.mkdtemp(prefix="explainer-latency-"))
-    procs: list[subprocess.Popen] = []
+    env = {"OMP_NUM_THREADS": "1"}
+    box = ServiceProcess("blackbox", ["--model", str(args.blackbox), "--device", "cpu", "--log-level", "warning"],
+                         env=env, log_dir=logs)
+    explainer = ServiceProcess("explainer", ["--surrogate", str(args.surrogate), "--blackbox-url", box.url,
+                                             "--client-id", CLIENT_ID, "--device", "cpu", "--log-level", "warning"],
+                               env=env, log_dir=logs)
+    ex_url = explainer.url
     http_seconds, server_search_seconds, http_queries, http_success = [], [], [], []
     try:
-        procs.append(start(["serve", "blackbox", "--model", str(args.blackbox), "--port", str(bb_port),
-                            "--device", "cpu", "--log-level", "warning"], logs / "blackbox.log", env))
-        wait_ready(bb_url, procs[0])
-        procs.append(start(["serve", "explainer", "--surrogate", str(args.surrogate), "--blackbox-url", bb_url,
-                            "--port", str(ex_port), "--device", "cpu", "--log-level", "warning"],
-                           logs / "explainer.log", env))
-        wait_ready(ex_url, procs[1])
+        box.start(timeout=120)
+        explainer.start(timeout=120)
         form = {"method": args.method, "max_queries": str(args.max_queries)}
         with httpx.Client(base_url=ex_url, timeout=120.0) as client:
             def post(image: bytes, label: str) -> httpx.Response:
@@ -174,7 +132,8 @@ def main() -> int:
                     http_queries.append(body["queries"])
                     http_success.append(body["success"])
     finally:
-        stop(procs)
+        explainer.stop()
+        box.stop()
 
     # The same work in-process: the same upload bytes, the same engine call, the black box's own network as oracle.
     engine_seconds, engine_queries, engine_success = [], [], []

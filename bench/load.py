@@ -28,10 +28,7 @@ import asyncio  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -45,17 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from services.launch import ServiceProcess  # noqa: E402
 from shared.classifiers import LocalClassifier  # noqa: E402
 from shared.data import load_images  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPLAINER_ID = "bench-load-explainer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -66,42 +58,6 @@ def rss_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0])
     return out
-
-
-class Service:
-    """One `advexplain serve` child on a free loopback port, its output in a log file."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "services.cli", "--threads", "1", "serve", name, "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "ADVEXPLAIN_THREADS": "1", **(env or {})},
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"{self.name} not ready after {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def metric(url: str, name: str, label: str | None = None) -> float:
@@ -178,15 +134,15 @@ def main() -> int:
         raise SystemExit("the black box misclassifies no validation image: nothing to explain")
     with tempfile.TemporaryDirectory(prefix="advexplain-load-") as tmp:
         logs = Path(tmp)
-        box = Service("blackbox", ["--model", str(args.blackbox)], logs)
+        box = ServiceProcess("blackbox", ["--model", str(args.blackbox)], log_dir=logs)
         explainer = None
         try:
-            box.wait_ready()
-            explainer = Service("explainer", ["--surrogate", str(args.surrogate), "--blackbox-url", box.url,
-                                              "--client-id", EXPLAINER_ID,
-                                              "--max-concurrency", str(args.max_concurrency),
-                                              "--read-timeout", "60"], logs)
-            explainer.wait_ready()
+            box.start(timeout=120)
+            explainer = ServiceProcess("explainer", ["--surrogate", str(args.surrogate), "--blackbox-url", box.url,
+                                                     "--client-id", EXPLAINER_ID,
+                                                     "--max-concurrency", str(args.max_concurrency),
+                                                     "--read-timeout", "60"], log_dir=logs)
+            explainer.start(timeout=120)
             # Warm up (first-use allocations, the class list), outside the measurement.
             for png, label in samples[:2]:
                 assert httpx.post(f"{explainer.url}/explain", files={"image": ("x.png", png, "image/png")},

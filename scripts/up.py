@@ -16,21 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url} exited with status {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} was not ready after {timeout:.0f}s")
+from services.launch import wait_healthy
 
 
 def write_samples(blackbox: Path, out: Path, count: int) -> list[tuple[Path, str]]:
@@ -131,6 +117,9 @@ Ctrl-C stops both services.""", flush=True)
                 return 0
             time.sleep(0.3)
         print("a service stopped; shutting the other down", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # a service did not come up: say why
+        print(f"make up: {exc}", file=sys.stderr)
         return 1
     finally:
         stop()

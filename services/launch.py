@@ -1,0 +1,97 @@
+"""Run `advexplain serve <service>` as a child process on loopback: start, wait for /healthz, stop.
+
+Used by `make up`, the integration tests and the benchmarks, so all of them run the services
+exactly as an operator does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Path | None = None) -> None:
+    """Poll `url`/healthz until it answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout
+    tail = lambda: log.read_text(errors="replace")[-4000:] if log and log.exists() else ""  # noqa: E731
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with status {proc.returncode} before it was ready\n{tail()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} was not ready after {timeout:.0f}s\n{tail()}")
+
+
+class ServiceProcess:
+    """One `advexplain serve <service>` child on a loopback port, its output in a log file."""
+
+    def __init__(self, service: str, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
+                 log_dir: Path | None = None):
+        self.service = service
+        self.port = port or free_port()
+        self.args = args
+        self.env = {**os.environ, "ADVEXPLAIN_THREADS": "1", **(env or {})}
+        self.log_path = (log_dir or Path("/tmp")) / f"{service}-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> "ServiceProcess":
+        cmd = [sys.executable, "-m", "services.cli", "--threads", "1", "serve", self.service,
+               "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        wait_healthy(self.url, self.proc, timeout, self.log_path)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGINT (what Ctrl-C sends) and wait: uvicorn shuts down cleanly and exits 0."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.resume()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
