@@ -45,19 +45,10 @@ def _register_blackbox(services) -> None:
 
 
 def _serve_blackbox(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from services.blackbox.app import create_app
     from services.blackbox.settings import BlackboxSettings
 
-    settings = _settings_or_exit(BlackboxSettings, {
-        "model": args.model, "host": args.host, "port": args.port, "output": args.output,
-        "max_images": args.max_images, "max_upload_bytes": args.max_upload_bytes, "max_pixels": args.max_pixels,
-        "threads": args.threads, "workers": args.workers, "device": args.device,
-    })
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=args.log_level == "debug")
-    return 0
+    return _serve(args, BlackboxSettings, create_app)
 
 
 def _register_explainer(services) -> None:
@@ -87,19 +78,17 @@ def _register_explainer(services) -> None:
 
 
 def _serve_explainer(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from services.explainer.app import create_app
     from services.explainer.settings import ExplainerSettings
 
-    settings = _settings_or_exit(ExplainerSettings, {
-        "surrogate": args.surrogate, "blackbox_url": args.blackbox_url, "whitebox_model": args.whitebox_model,
-        "host": args.host, "port": args.port, "client_id": args.client_id,
-        "connect_timeout": args.connect_timeout, "read_timeout": args.read_timeout,
-        "connect_retries": args.connect_retries, "max_concurrency": args.max_concurrency,
-        "max_queries": args.max_queries, "max_upload_bytes": args.max_upload_bytes, "max_pixels": args.max_pixels,
-        "threads": args.threads, "device": args.device,
-    })
+    return _serve(args, ExplainerSettings, create_app)
+
+
+def _serve(args: argparse.Namespace, settings_cls, create_app) -> int:
+    """Settings from the flags that name a field (the environment fills the rest), then uvicorn."""
+    import uvicorn
+
+    settings = _settings_or_exit(settings_cls, {name: getattr(args, name, None) for name in settings_cls.model_fields})
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 access_log=args.log_level == "debug")
     return 0
