@@ -28,7 +28,7 @@ $(MODELS)/surrogate/config.json: | install
 
 # Serve both services on 127.0.0.1:8000 (black box) and :8001 (explainer); Ctrl-C stops both.
 up: models
-	$(BIN)/python scripts/up.py --models $(MODELS)
+	$(BIN)/python -m advexplain.up --models $(MODELS)
 
 # With `make up` running in another terminal: the batch evaluation through the real services.
 demo: install

@@ -13,17 +13,17 @@ both maps are computed and compared:
 
 Pairs are only formed where both searches succeeded. Prints a markdown table, writes JSON.
 
-    flock /tmp/advexplain-cpu.lock python bench/agreement.py --data $ADVEXPLAIN_FACES
+    flock /tmp/advexplain-cpu.lock python -m bench.agreement --data $ADVEXPLAIN_FACES
 """
 
 from __future__ import annotations
 
-import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 import torch
 
-from common import (OUR_SETTINGS, base_parser, fmt, load_bench, magnitude_map, markdown_table, mean, median,
+from bench.common import (OUR_SETTINGS, base_parser, fmt, load_bench, magnitude_map, markdown_table, mean, median,
                     run_ours, seed_everything, spearman, topk_iou, write_json)
-from shared.saliency import saliency_map
+from advexplain.shared.saliency import saliency_map
 
 PAIRS = {
     # name: (map A, map B)

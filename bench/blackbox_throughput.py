@@ -4,7 +4,7 @@ For each batch size: requests/s and images/s through a real `advexplain serve bl
 beside the same model's in-process throughput (forward only, and decode + forward as the service
 does it), and the HTTP overhead as a ratio. Prints a table and writes bench/results/blackbox_throughput.json.
 
-    python bench/blackbox_throughput.py --model models/blackbox --seconds 8
+    python -m bench.blackbox_throughput --model models/blackbox --seconds 8
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def summarise(latencies: list[float], batch: int) -> dict:
 
 
 def start_server(model: Path, port: int, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "services.cli", "--threads", str(threads), "serve", "blackbox",
+    cmd = [sys.executable, "-m", "advexplain", "--threads", str(threads), "serve", "blackbox",
            "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
            "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -104,9 +104,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT))
-    from services.common.images import decode_image
-    from shared.classifiers import LocalClassifier
+    from advexplain.services.common.images import decode_image
+    from advexplain.shared.classifiers import LocalClassifier
 
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} is not a checkpoint: train one with `advexplain train blackbox`")

@@ -28,14 +28,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/x.py` from the repository root
-    sys.path.insert(0, str(ROOT))
 
-from shared.checkpoints import load_checkpoint  # noqa: E402
-from shared.classifiers import LocalClassifier  # noqa: E402
-from shared.data import load_images  # noqa: E402
-from shared.explain import explain  # noqa: E402
-from shared.saliency import pixel_magnitude  # noqa: E402
+from advexplain.shared.checkpoints import load_checkpoint  # noqa: E402
+from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
+from advexplain.shared.data import load_images  # noqa: E402
+from advexplain.shared.explain import explain  # noqa: E402
+from advexplain.shared.saliency import pixel_magnitude  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -7,7 +7,7 @@ decode -> explain (surrogate gradients, the black box as an in-process oracle) -
 The difference is the service overhead: HTTP, multipart, one PNG + /predict round trip per query,
 base64. Prints a table and writes JSON to bench/results/explainer_latency.json.
 
-    flock /tmp/advexplain-cpu.lock python bench/explainer_latency.py --images 20 --repeats 3
+    flock /tmp/advexplain-cpu.lock python -m bench.explainer_latency --images 20 --repeats 3
 """
 
 from __future__ import annotations
@@ -32,17 +32,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from services.common.images import decode_image  # noqa: E402
-from services.launch import ServiceProcess  # noqa: E402
-from shared.checkpoints import load_checkpoint  # noqa: E402
-from shared.classifiers import LocalClassifier  # noqa: E402
-from shared.data import load_images  # noqa: E402
-from shared.explain import DEFAULT_MAX_QUERIES, DEFAULT_METHOD, explain  # noqa: E402
-from shared.render import render_explanation  # noqa: E402
-from shared.saliency import saliency_map  # noqa: E402
+from advexplain.services.common.images import decode_image  # noqa: E402
+from advexplain.launch import ServiceProcess  # noqa: E402
+from advexplain.shared.checkpoints import load_checkpoint  # noqa: E402
+from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
+from advexplain.shared.data import load_images  # noqa: E402
+from advexplain.shared.explain import DEFAULT_MAX_QUERIES, DEFAULT_METHOD, explain  # noqa: E402
+from advexplain.shared.render import render_explanation  # noqa: E402
+from advexplain.shared.saliency import saliency_map  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENT_ID = "bench-explainer-latency"

@@ -10,8 +10,8 @@ explainer's client id (the explainer sends one X-Client-Id for all its users; th
 X-Client-Id each bench client sends to the explainer is not forwarded), and the explainer's own
 `explainer_oracle_queries_total` delta. Prints a table and writes bench/results/load.json.
 
-    flock /tmp/advexplain-cpu.lock python bench/load.py                  # 32 x 20, a few minutes on 2 cores
-    python bench/load.py --clients 4 --per-client 2                       # a quick smoke run
+    flock /tmp/advexplain-cpu.lock python -m bench.load                  # 32 x 20, a few minutes on 2 cores
+    python -m bench.load --clients 4 --per-client 2                       # a quick smoke run
 
 Exits 1 when there was any error or the counts do not reconcile.
 """
@@ -39,12 +39,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from services.launch import ServiceProcess  # noqa: E402
-from shared.classifiers import LocalClassifier  # noqa: E402
-from shared.data import load_images  # noqa: E402
+from advexplain.launch import ServiceProcess  # noqa: E402
+from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
+from advexplain.shared.data import load_images  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPLAINER_ID = "bench-load-explainer"

@@ -7,8 +7,8 @@ explains every validation image the black box gets wrong with white-box and blac
 only for `margin`. Results stream to OUT/paper_scale.jsonl as they come (flushed, so a run cut
 off at a time limit keeps what it finished); the summary goes to OUT/paper_scale.json.
 
-    python bench/paper_scale.py --data "$ADVEXPLAIN_FACES" --device cuda --out bench/results   # paper size
-    python bench/paper_scale.py --data "$ADVEXPLAIN_FACES" --device cpu --image-size 64 --width 0.125 \\
+    python -m bench.paper_scale --data "$ADVEXPLAIN_FACES" --device cuda --out bench/results   # paper size
+    python -m bench.paper_scale --data "$ADVEXPLAIN_FACES" --device cpu --image-size 64 --width 0.125 \\
         --train-limit 4000 --out bench/results/cpu                                                   # minutes
 """
 
@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.commands.evaluate import PAPER, summarise  # noqa: E402
-from shared.classifiers import LocalClassifier  # noqa: E402
-from shared.data import load_images, sample_fraction  # noqa: E402
-from shared.distill import distill_labels  # noqa: E402
-from shared.explain import EnsembleSurrogate, explain  # noqa: E402
-from shared.models import ModelConfig  # noqa: E402
-from shared.training import channel_stats, pick_device, predict, train_model  # noqa: E402
+from advexplain.commands.evaluate import PAPER, summarise  # noqa: E402
+from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
+from advexplain.shared.data import load_images, sample_fraction  # noqa: E402
+from advexplain.shared.distill import distill_labels  # noqa: E402
+from advexplain.shared.explain import EnsembleSurrogate, explain  # noqa: E402
+from advexplain.shared.models import ModelConfig  # noqa: E402
+from advexplain.shared.training import channel_stats, pick_device, predict, train_model  # noqa: E402
 
 
 class Log:

@@ -14,12 +14,12 @@ own initial checks included). Ours count every oracle image, the first predictio
 (`queries`; `search queries` = queries - 1 is what the paper reports). Success is checked on the
 returned image by the black box itself, outside the count. Prints a markdown table, writes JSON.
 
-    flock /tmp/advexplain-cpu.lock python bench/peers_attacks.py --data $ADVEXPLAIN_FACES
+    flock /tmp/advexplain-cpu.lock python -m bench.peers_attacks --data $ADVEXPLAIN_FACES
 """
 
 from __future__ import annotations
 
-import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 import time
 
 import numpy as np
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (OUR_SETTINGS, Bench, base_parser, fmt, load_bench, markdown_table, mean, median,
+from bench.common import (OUR_SETTINGS, Bench, base_parser, fmt, load_bench, markdown_table, mean, median,
                     run_ours, seed_everything, write_json)
-from shared.explain.base import quantise
+from advexplain.shared.explain.base import quantise
 
 
 class CountingNetwork(nn.Module):

@@ -25,19 +25,19 @@ Scores, all from the black box's probabilities (evaluation only; not counted as 
                  map; note it shares a gradient source with our black-box maps).
   s / map        seconds to compute one map (ours: the whole search plus Algorithm 2).
 
-    flock /tmp/advexplain-cpu.lock python bench/saliency_faithfulness.py --data $ADVEXPLAIN_FACES
+    flock /tmp/advexplain-cpu.lock python -m bench.saliency_faithfulness --data $ADVEXPLAIN_FACES
 """
 
 from __future__ import annotations
 
-import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 import numpy as np
 import torch
 
-from common import (OUR_SETTINGS, Timer, auc, base_parser, blend_curve_inputs, fmt, gaussian_blur, load_bench,
+from bench.common import (OUR_SETTINGS, Timer, auc, base_parser, blend_curve_inputs, fmt, gaussian_blur, load_bench,
                     magnitude_map, markdown_table, mean, run_ours, seed_everything, topk_mask, write_json)
-from shared.explain.base import margin_and_gradient
-from shared.saliency import saliency_map
+from advexplain.shared.explain.base import margin_and_gradient
+from advexplain.shared.saliency import saliency_map
 
 FRACTIONS = [i / 32 for i in range(33)]
 FLIP_FRACTIONS = (0.01, 0.05, 0.10)

@@ -1,1 +1,1 @@
-"""advexplain's HTTP services (black box, explainer) and its command line."""
+"""advexplain's HTTP services: the black box and the explainer."""

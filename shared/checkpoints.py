@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from shared.errors import CheckpointError
-from shared.models import ModelConfig, PaperCNN, build_model
+from advexplain.shared.errors import CheckpointError
+from advexplain.shared.models import ModelConfig, PaperCNN, build_model
 
 FORMAT = "advexplain-checkpoint"
 FORMAT_VERSION = 1

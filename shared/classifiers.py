@@ -7,8 +7,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from shared.checkpoints import Checkpoint, load_checkpoint
-from shared.models import PaperCNN
+from advexplain.shared.checkpoints import Checkpoint, load_checkpoint
+from advexplain.shared.models import PaperCNN
 
 
 def fit_to_size(x: torch.Tensor, size: int) -> torch.Tensor:

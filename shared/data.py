@@ -20,7 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from shared.errors import DataError
+from advexplain.shared.errors import DataError
 
 log = logging.getLogger(__name__)
 

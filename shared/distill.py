@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.data import ImageSet
-from shared.errors import InvalidInput
-from shared.protocols import Classifier
+from advexplain.shared.data import ImageSet
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.protocols import Classifier
 
 HELD_BACK_SHARE = 0.2
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_IMAGES = 64

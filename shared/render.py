@@ -27,7 +27,7 @@ LUT = _lut()
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [0,1] -> (H, W, 3) uint8, rounding exactly as `shared.explain.quantise`."""
+    """(C, H, W) in [0,1] -> (H, W, 3) uint8, rounding exactly as `advexplain.shared.explain.quantise`."""
     arr = image.detach().cpu().float().clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     if arr.shape[0] == 1:
         arr = np.repeat(arr, 3, axis=0)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from shared.errors import InvalidInput
+from advexplain.shared.errors import InvalidInput
 
 DEFAULT_TAU = 1.5
 DEFAULT_BETA = 2.0

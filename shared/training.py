@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from shared.checkpoints import TrainingRecord
-from shared.data import ImageSet
-from shared.errors import TrainingCollapsed
-from shared.models import ModelConfig, PaperCNN, build_model
+from advexplain.shared.checkpoints import TrainingRecord
+from advexplain.shared.data import ImageSet
+from advexplain.shared.errors import TrainingCollapsed
+from advexplain.shared.models import ModelConfig, PaperCNN, build_model
 
 # A network is "collapsed" when one class takes at least this share of validation predictions
 # while that class is not nearly as common in the labels.

@@ -15,10 +15,10 @@ TINY = {"image_size": 32, "width": 0.0625}
 
 def train_tiny(kind: str, out: Path, *, epochs: int, fraction: float = 1.0, seed: int = 0) -> Path:
     """Train a tiny network on the built-in elpv data (seconds on one CPU thread) and save it."""
-    from shared.checkpoints import save_checkpoint
-    from shared.data import load_images, sample_fraction
-    from shared.models import ModelConfig
-    from shared.training import channel_stats, train_model
+    from advexplain.shared.checkpoints import save_checkpoint
+    from advexplain.shared.data import load_images, sample_fraction
+    from advexplain.shared.models import ModelConfig
+    from advexplain.shared.training import channel_stats, train_model
 
     train_set = load_images("elpv", "train", TINY["image_size"], progress=False)
     val_set = load_images("elpv", "validation", TINY["image_size"], progress=False)

@@ -9,13 +9,13 @@ import anyio
 import torch
 from fastapi import FastAPI
 
-from services.blackbox.routes import router
-from services.blackbox.service import BlackBox
-from services.blackbox.settings import BlackboxSettings
-from services.common.errors import install_error_handlers
-from services.common.limits import BodyLimitMiddleware, HeaderLimitMiddleware
-from services.common.metrics import LatencyMiddleware, ServiceMetrics
-from shared.classifiers import LocalClassifier
+from advexplain.services.blackbox.routes import router
+from advexplain.services.blackbox.service import BlackBox
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.common.errors import install_error_handlers
+from advexplain.services.common.limits import BodyLimitMiddleware, HeaderLimitMiddleware
+from advexplain.services.common.metrics import LatencyMiddleware, ServiceMetrics
+from advexplain.shared.classifiers import LocalClassifier
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import re
 import threading
 from collections import OrderedDict
 
-from shared.errors import InvalidInput
+from advexplain.shared.errors import InvalidInput
 
 DEFAULT_CLIENT = "anonymous"
 MAX_CLIENT_ID = 64

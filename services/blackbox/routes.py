@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Header, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
-from services.blackbox.counter import parse_client_id
-from services.blackbox.schemas import Health, PredictResponse
-from services.blackbox.service import BlackBox
-from services.common.errors import ServiceNotReady, error_responses
-from services.common.images import read_upload
-from shared.errors import PayloadTooLarge
+from advexplain.services.blackbox.counter import parse_client_id
+from advexplain.services.blackbox.schemas import Health, PredictResponse
+from advexplain.services.blackbox.service import BlackBox
+from advexplain.services.common.errors import ServiceNotReady, error_responses
+from advexplain.services.common.images import read_upload
+from advexplain.shared.errors import PayloadTooLarge
 
 router = APIRouter()
 

@@ -6,12 +6,12 @@ import anyio
 import torch
 from prometheus_client import Counter
 
-from services.blackbox.counter import QueryCounter
-from services.blackbox.schemas import Prediction, PredictResponse
-from services.blackbox.settings import BlackboxSettings
-from services.common.images import decode_image
-from services.common.metrics import BoundedLabels, ServiceMetrics
-from shared.classifiers import LocalClassifier
+from advexplain.services.blackbox.counter import QueryCounter
+from advexplain.services.blackbox.schemas import Prediction, PredictResponse
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.common.images import decode_image
+from advexplain.services.common.metrics import BoundedLabels, ServiceMetrics
+from advexplain.shared.classifiers import LocalClassifier
 
 
 class BlackBox:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings, checkpoint_problem
+from advexplain.services.common.settings import ServiceSettings, checkpoint_problem
 
 
 class BlackboxSettings(ServiceSettings):

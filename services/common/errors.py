@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from shared.errors import (
+from advexplain.shared.errors import (
     AdvexplainError,
     CheckpointError,
     DataError,

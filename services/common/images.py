@@ -8,8 +8,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 
-from shared.data import load_pil_rgb, resize_transform
-from shared.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from advexplain.shared.data import load_pil_rgb, resize_transform
+from advexplain.shared.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 # Pillow's format names for what the API accepts; only the first frame of a GIF is used.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -59,7 +59,7 @@ def decode_image(data: bytes, image_size: int, max_pixels: int, name: str = "ima
     """Encoded image bytes -> float32 (3, image_size, image_size) in [0, 1], resized as in training.
 
     The header is checked first (format, pixel count) so a decompression bomb is refused before any
-    pixel is decoded; any Pillow mode becomes RGB (shared.data.load_pil_rgb), GIFs give their first frame.
+    pixel is decoded; any Pillow mode becomes RGB (advexplain.shared.data.load_pil_rgb), GIFs give their first frame.
     """
     check_image_header(data, max_pixels, name)
     try:

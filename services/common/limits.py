@@ -7,8 +7,8 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import error_response
-from shared.errors import PayloadTooLarge
+from advexplain.services.common.errors import error_response
+from advexplain.shared.errors import PayloadTooLarge
 
 
 class BodyLimitMiddleware:

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
-from shared.checkpoints import CONFIG, WEIGHTS
+from advexplain.shared.checkpoints import CONFIG, WEIGHTS
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -10,15 +10,15 @@ import httpx
 import torch
 from fastapi import FastAPI
 
-from services.common.errors import install_error_handlers
-from services.common.limits import BodyLimitMiddleware, HeaderLimitMiddleware
-from services.common.metrics import LatencyMiddleware, ServiceMetrics
-from services.explainer.auth import TokenGuardMiddleware
-from services.explainer.routes import router, whitebox_router
-from services.explainer.service import Explainer, build_http_client, load_surrogate
-from services.explainer.settings import ExplainerSettings
-from shared.classifiers import LocalClassifier
-from shared.remote import RemoteClassifier
+from advexplain.services.common.errors import install_error_handlers
+from advexplain.services.common.limits import BodyLimitMiddleware, HeaderLimitMiddleware
+from advexplain.services.common.metrics import LatencyMiddleware, ServiceMetrics
+from advexplain.services.explainer.auth import TokenGuardMiddleware
+from advexplain.services.explainer.routes import router, whitebox_router
+from advexplain.services.explainer.service import Explainer, build_http_client, load_surrogate
+from advexplain.services.explainer.settings import ExplainerSettings
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.remote import RemoteClassifier
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.common.errors import OnError, error_response
-from shared.errors import AdvexplainError, Forbidden, Unauthorized
+from advexplain.services.common.errors import OnError, error_response
+from advexplain.shared.errors import AdvexplainError, Forbidden, Unauthorized
 
 WHITEBOX_PREFIX = "/internal/"
 

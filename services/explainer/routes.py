@@ -9,15 +9,15 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from services.common.errors import ServiceNotReady, error_responses
-from services.common.images import read_upload
-from services.explainer.auth import token_problem
-from services.explainer.schemas import ExplainResponse, Health, explanation_headers, response_from
-from services.explainer.service import BLACKBOX, WHITEBOX, ExplainParams, Explainer, ExplainResult
-from shared.errors import InvalidInput
-from shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS
-from shared.explain.base import MAX_ALPHA
-from shared.saliency import DEFAULT_BETA, DEFAULT_TAU
+from advexplain.services.common.errors import ServiceNotReady, error_responses
+from advexplain.services.common.images import read_upload
+from advexplain.services.explainer.auth import token_problem
+from advexplain.services.explainer.schemas import ExplainResponse, Health, explanation_headers, response_from
+from advexplain.services.explainer.service import BLACKBOX, WHITEBOX, ExplainParams, Explainer, ExplainResult
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS
+from advexplain.shared.explain.base import MAX_ALPHA
+from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU
 
 router = APIRouter()
 whitebox_router = APIRouter()

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from services.explainer.service import ExplainResult
+from advexplain.services.explainer.service import ExplainResult
 
 
 class Images(BaseModel):

@@ -10,15 +10,15 @@ import httpx
 import torch
 from prometheus_client import Counter, Histogram
 
-from services.common.images import decode_image
-from services.common.metrics import ServiceMetrics
-from services.explainer.settings import ExplainerSettings
-from shared.classifiers import LocalClassifier
-from shared.errors import InvalidInput, UpstreamBadResponse
-from shared.explain import EnsembleSurrogate, Explanation, explain
-from shared.remote import RemoteClassifier
-from shared.render import render_explanation
-from shared.saliency import saliency_map
+from advexplain.services.common.images import decode_image
+from advexplain.services.common.metrics import ServiceMetrics
+from advexplain.services.explainer.settings import ExplainerSettings
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.errors import InvalidInput, UpstreamBadResponse
+from advexplain.shared.explain import EnsembleSurrogate, Explanation, explain
+from advexplain.shared.remote import RemoteClassifier
+from advexplain.shared.render import render_explanation
+from advexplain.shared.saliency import saliency_map
 
 EXPLANATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BLACKBOX, WHITEBOX = "blackbox", "whitebox"

@@ -11,8 +11,8 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from services.common.settings import ServiceSettings, checkpoint_problem
-from shared.explain.base import MAX_QUERIES_LIMIT
+from advexplain.services.common.settings import ServiceSettings, checkpoint_problem
+from advexplain.shared.explain.base import MAX_QUERIES_LIMIT
 
 # The black box's own rule for X-Client-Id (services/blackbox/counter.py): printable ASCII, no spaces.
 CLIENT_ID = re.compile(r"[!-~]{1,64}")

@@ -16,11 +16,11 @@ import numbers
 
 import torch
 
-from shared.errors import InvalidInput
-from shared.explain.base import MAX_ALPHA, MAX_QUERIES_LIMIT, Explanation, Method, quantise
-from shared.explain.ensemble import EnsembleSurrogate
-from shared.explain.margin import MarginSearch, MarginSearchLinf
-from shared.explain.paper import PaperLineSearch, epsilon_schedule
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain.base import MAX_ALPHA, MAX_QUERIES_LIMIT, Explanation, Method, quantise
+from advexplain.shared.explain.ensemble import EnsembleSurrogate
+from advexplain.shared.explain.margin import MarginSearch, MarginSearchLinf
+from advexplain.shared.explain.paper import PaperLineSearch, epsilon_schedule
 
 METHODS: dict[str, Method] = {m.name: m for m in (MarginSearch(), MarginSearchLinf(), PaperLineSearch())}
 DEFAULT_METHOD = "margin"

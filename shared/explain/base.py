@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from shared.errors import InvalidInput
-from shared.protocols import Classifier, DifferentiableClassifier
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.protocols import Classifier, DifferentiableClassifier
 
 # One explanation never needs more oracle images than this; a larger request is a client error.
 MAX_QUERIES_LIMIT = 10_000

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from shared.errors import InvalidInput
-from shared.explain.base import logit_margin
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain.base import logit_margin
 
 
 class EnsembleSurrogate:

@@ -41,9 +41,9 @@ import math
 
 import torch
 
-from shared.errors import InvalidInput
+from advexplain.shared.errors import InvalidInput
 
-from shared.explain.base import Method, Search, margin_and_gradient, quantise
+from advexplain.shared.explain.base import Method, Search, margin_and_gradient, quantise
 
 # Logit margin the surrogate must give the true class before a black-box query. On gender-faces
 # (64x64, CPU default models, 60 misclassified images, label-only box) the margin at which the

@@ -9,7 +9,7 @@ oracle query. The candidates are not rounded to 8 bits, exactly as in the paper.
 
 from __future__ import annotations
 
-from shared.explain.base import Method, Search, loss_gradient
+from advexplain.shared.explain.base import Method, Search, loss_gradient
 
 EPSILON_STEP = 0.1
 

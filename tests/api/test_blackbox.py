@@ -17,10 +17,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from services.blackbox.app import create_app
-from services.blackbox.settings import BlackboxSettings
-from services.common.images import decode_image
-from shared.classifiers import LocalClassifier
+from advexplain.services.blackbox.app import create_app
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.common.images import decode_image
+from advexplain.shared.classifiers import LocalClassifier
 
 CLASSES = ["defective", "functional"]
 
@@ -227,7 +227,7 @@ def test_each_error_has_the_one_shape_and_counts_no_query(make_settings, case):
 
 
 def test_pixel_limit_is_checked_before_decoding(make_settings, monkeypatch):
-    import services.common.images as images
+    import advexplain.services.common.images as images
 
     def must_not_decode(*a, **k):
         raise AssertionError("decoded an image that is over the pixel limit")

@@ -18,12 +18,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from services.blackbox.app import create_app as create_blackbox
-from services.blackbox.settings import BlackboxSettings
-from services.explainer.app import create_app
-from services.explainer.settings import ExplainerSettings
-from shared.classifiers import LocalClassifier
-from shared.explain import EnsembleSurrogate
+from advexplain.services.blackbox.app import create_app as create_blackbox
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.explainer.app import create_app
+from advexplain.services.explainer.settings import ExplainerSettings
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.explain import EnsembleSurrogate
 
 CLASSES = ["defective", "functional"]
 CLIENT = "explainer-under-test"
@@ -78,7 +78,7 @@ def counted(box: TestClient) -> int:
 @pytest.fixture(scope="module")
 def cases(tiny_models) -> list[tuple[bytes, int, int]]:
     """(PNG, true label, black-box prediction) of elpv validation images the tiny black box gets wrong."""
-    from shared.data import load_images
+    from advexplain.shared.data import load_images
 
     images = load_images("elpv", "validation", 32, progress=False)
     box = LocalClassifier.from_checkpoint(tiny_models["blackbox"])
@@ -91,7 +91,7 @@ def cases(tiny_models) -> list[tuple[bytes, int, int]]:
 
 @pytest.fixture(scope="module")
 def correct_case(tiny_models) -> tuple[bytes, int]:
-    from shared.data import load_images
+    from advexplain.shared.data import load_images
 
     images = load_images("elpv", "validation", 32, progress=False)
     box = LocalClassifier.from_checkpoint(tiny_models["blackbox"])
@@ -432,7 +432,7 @@ def test_healthz_loading_before_the_lifespan(settings_for, box):
 # ---------------------------------------------------------------- concurrency: torch off the event loop
 
 def test_a_slow_explanation_does_not_stall_healthz(box, settings_for, cases, monkeypatch):
-    import services.explainer.service as service
+    import advexplain.services.explainer.service as service
 
     image, label, _ = cases[0]
     entered, release = threading.Event(), threading.Event()
@@ -538,7 +538,7 @@ def test_settings_from_env_and_fail_fast(tiny_models, monkeypatch):
 def test_cli_builds_the_settings_from_flags_and_env(tiny_models, monkeypatch):
     import uvicorn
 
-    from services.cli import build_parser
+    from advexplain.cli import build_parser
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))

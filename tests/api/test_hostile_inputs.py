@@ -21,10 +21,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
-from services.blackbox.app import create_app as create_blackbox
-from services.blackbox.settings import BlackboxSettings
-from services.explainer.app import create_app as create_explainer
-from services.explainer.settings import ExplainerSettings
+from advexplain.services.blackbox.app import create_app as create_blackbox
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.explainer.app import create_app as create_explainer
+from advexplain.services.explainer.settings import ExplainerSettings
 
 CLASSES = ["defective", "functional"]
 CLIENT = "explainer-corpus"

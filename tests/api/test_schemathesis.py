@@ -18,10 +18,10 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from services.blackbox.app import create_app as create_blackbox
-from services.blackbox.settings import BlackboxSettings
-from services.explainer.app import create_app as create_explainer
-from services.explainer.settings import ExplainerSettings
+from advexplain.services.blackbox.app import create_app as create_blackbox
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.explainer.app import create_app as create_explainer
+from advexplain.services.explainer.settings import ExplainerSettings
 
 TOKEN = "schemathesis-token-0123456789"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

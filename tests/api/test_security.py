@@ -19,13 +19,13 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from services.blackbox.app import create_app as create_blackbox
-from services.blackbox.counter import QueryCounter
-from services.blackbox.settings import BlackboxSettings
-from services.explainer.app import create_app as create_explainer
-from services.explainer.settings import ExplainerSettings
-from shared.classifiers import LocalClassifier
-from shared.errors import CheckpointError
+from advexplain.services.blackbox.app import create_app as create_blackbox
+from advexplain.services.blackbox.counter import QueryCounter
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.explainer.app import create_app as create_explainer
+from advexplain.services.explainer.settings import ExplainerSettings
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "sekret-Token-for-tests-0123456789"
@@ -250,7 +250,7 @@ def test_no_code_path_unpickles():
 # ---------------------------------------------------------------- limits before decoding, on the explainer too
 
 def test_explainer_pixel_limit_is_checked_before_decoding(tiny_models, box, monkeypatch):
-    import services.common.images as images
+    import advexplain.services.common.images as images
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded an image over the pixel limit")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.launch import ServiceProcess
+from advexplain.launch import ServiceProcess
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.classifiers import LocalClassifier
-from shared.data import load_images
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.data import load_images
 
 pytestmark = pytest.mark.integration
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from common import (auc, blend_curve_inputs, gaussian_blur, rank_order, spearman,  # noqa: E402
+from bench.common import (auc, blend_curve_inputs, gaussian_blur, rank_order, spearman,  # noqa: E402
                     topk_iou, topk_mask)
-from peers_attacks import CountingNetwork  # noqa: E402
+from bench.peers_attacks import CountingNetwork  # noqa: E402
 
 FRACTIONS = [i / 16 for i in range(17)]
 

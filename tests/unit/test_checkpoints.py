@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.checkpoints import load_checkpoint, read_meta, save_checkpoint, TrainingRecord
-from shared.errors import CheckpointError
-from shared.models import ModelConfig, build_model
+from advexplain.shared.checkpoints import load_checkpoint, read_meta, save_checkpoint, TrainingRecord
+from advexplain.shared.errors import CheckpointError
+from advexplain.shared.models import ModelConfig, build_model
 
 
 @pytest.fixture

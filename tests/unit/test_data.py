@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.data import ImageSet, canonical_split, load_elpv, load_folder, load_images, load_pil_rgb, sample_fraction
-from shared.errors import DataError
+from advexplain.shared.data import ImageSet, canonical_split, load_elpv, load_folder, load_images, load_pil_rgb, sample_fraction
+from advexplain.shared.errors import DataError
 
 
 def write_image(path: Path, mode: str = "RGB", size=(40, 30), fmt: str = "PNG", color=128) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.cli import build_parser
+from advexplain.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -23,8 +23,8 @@ SERVICES = COMPOSE["services"]
 
 
 def settings_fields() -> dict[str, set[str]]:
-    from services.blackbox.settings import BlackboxSettings
-    from services.explainer.settings import ExplainerSettings
+    from advexplain.services.blackbox.settings import BlackboxSettings
+    from advexplain.services.explainer.settings import ExplainerSettings
 
     return {
         "BLACKBOX_": {name.upper() for name in BlackboxSettings.model_fields},

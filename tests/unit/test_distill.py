@@ -12,11 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.data import ImageSet
-from shared.distill import distill_labels, is_one_hot
-from shared.errors import InvalidInput
-from shared.models import ModelConfig
-from shared.training import train_model
+from advexplain.shared.data import ImageSet
+from advexplain.shared.distill import distill_labels, is_one_hot
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.models import ModelConfig
+from advexplain.shared.training import train_model
 
 
 class BrightnessBox:
@@ -94,7 +94,7 @@ def test_soft_and_hard_targets_both_train(label_only):
 def test_cli_records_distillation(tiny_models, tmp_path: Path):
     out = tmp_path / "distilled"
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--threads", "1", "train", "surrogate", "--data", "elpv",
+        [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv",
          "--epochs", "8", "--batch-size", "8", "--image-size", "32", "--width", "0.0625", "--distill-from", str(tiny_models["blackbox"]),
          "--distill-budget", "150", "--distill-label-only", "--out", str(out), "--quiet"],
         capture_output=True, text=True, timeout=300,

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from services.cli import main
+from advexplain.cli import main
 
 
 @pytest.mark.parametrize("mode,method", [("blackbox", "margin"), ("whitebox", "paper")])

@@ -9,13 +9,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.classifiers import LocalClassifier
-from shared.data import load_images
-from shared.errors import InvalidInput
-from shared.explain import (DEFAULT_METHOD, METHODS, EnsembleSurrogate, Explanation, epsilon_schedule, explain,
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.data import load_images
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain import (DEFAULT_METHOD, METHODS, EnsembleSurrogate, Explanation, epsilon_schedule, explain,
                             quantise)
-from shared.explain.base import loss_gradient
-from shared.training import predict
+from advexplain.shared.explain.base import loss_gradient
+from advexplain.shared.training import predict
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_to_dict_is_json_safe(setting):
 
 
 def test_margin_smooths_surrogate_gradients_only(setting):
-    from shared.explain.base import BudgetedOracle, Search, margin_and_gradient
+    from advexplain.shared.explain.base import BudgetedOracle, Search, margin_and_gradient
     image, label = image_of(setting, setting["wrong"][3])
     surrogate, method = setting["surrogate"], METHODS["margin"]
     # Black-box: the gradient is averaged over seeded noisy copies; the margin itself is exact.

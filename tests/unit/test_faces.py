@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.data import load_folder
+from advexplain.shared.data import load_folder
 
 pytestmark = pytest.mark.faces
 

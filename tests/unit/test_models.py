@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.models import MIN_FC_UNITS, ModelConfig, build_model, count_parameters
+from advexplain.shared.models import MIN_FC_UNITS, ModelConfig, build_model, count_parameters
 
 
 def test_paper_width_matches_the_paper():

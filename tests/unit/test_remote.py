@@ -11,12 +11,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from services.blackbox.app import create_app
-from services.blackbox.settings import BlackboxSettings
-from shared.classifiers import LocalClassifier
-from shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from shared.protocols import Classifier
-from shared.remote import RemoteClassifier, encode_png
+from advexplain.services.blackbox.app import create_app
+from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from advexplain.shared.protocols import Classifier
+from advexplain.shared.remote import RemoteClassifier, encode_png
 
 CLASSES = ("defective", "functional")
 

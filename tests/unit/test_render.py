@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.explain import Explanation, quantise
-from shared.render import render_explanation
-from shared.saliency import saliency_map
+from advexplain.shared.explain import Explanation, quantise
+from advexplain.shared.render import render_explanation
+from advexplain.shared.saliency import saliency_map
 
 
 def make(success=True, already=False):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.errors import InvalidInput
-from shared.saliency import DEFAULT_BETA, DEFAULT_TAU, pixel_magnitude, quartiles, saliency_map, saliency_maps
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU, pixel_magnitude, quartiles, saliency_map, saliency_maps
 
 
 def grid(values):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.data import ImageSet
-from shared.errors import TrainingCollapsed
-from shared.models import ModelConfig
-from shared.training import check_collapse, train_model
+from advexplain.shared.data import ImageSet
+from advexplain.shared.errors import TrainingCollapsed
+from advexplain.shared.models import ModelConfig
+from advexplain.shared.training import check_collapse, train_model
 
 
 def toy_set(n: int = 64, seed: int = 0) -> ImageSet:
@@ -60,7 +60,7 @@ def test_collapsed_training_saves_nothing(tmp_path: Path):
     """lr so high the network diverges to one class: the CLI says so and writes no checkpoint."""
     out = tmp_path / "bb"
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs", "1",
+        [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs", "1",
          "--image-size", "32", "--width", "0.0625", "--lr", "50", "--fraction", "0.2", "--out", str(out), "--quiet"],
         capture_output=True, text=True, timeout=300,
     )
@@ -72,7 +72,7 @@ def test_collapsed_training_saves_nothing(tmp_path: Path):
 def test_cli_trains_and_stores_accuracy(tmp_path: Path):
     out = tmp_path / "sur"
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs", "3",
+        [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs", "3",
          "--batch-size", "16", "--image-size", "32", "--width", "0.0625", "--seed", "1", "--out", str(out), "--quiet"],
         capture_output=True, text=True, timeout=300,
     )

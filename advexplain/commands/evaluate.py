@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared.checkpoints import load_checkpoint
-from shared.classifiers import LocalClassifier
-from shared.data import BUILTIN, load_images
-from shared.errors import InvalidInput
-from shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS, EnsembleSurrogate, explain
-from shared.remote import RemoteClassifier
-from shared.render import render_explanation
-from shared.saliency import DEFAULT_BETA, DEFAULT_TAU, saliency_maps
+from advexplain.shared.checkpoints import load_checkpoint
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.data import BUILTIN, load_images
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain import DEFAULT_ALPHA, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS, EnsembleSurrogate, explain
+from advexplain.shared.remote import RemoteClassifier
+from advexplain.shared.render import render_explanation
+from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU, saliency_maps
 
 # Haffar et al., Section 4: 301 misclassified test images of the gender-faces data set.
 PAPER = {

@@ -45,8 +45,8 @@ def _register_blackbox(services) -> None:
 
 
 def _serve_blackbox(args: argparse.Namespace) -> int:
-    from services.blackbox.app import create_app
-    from services.blackbox.settings import BlackboxSettings
+    from advexplain.services.blackbox.app import create_app
+    from advexplain.services.blackbox.settings import BlackboxSettings
 
     return _serve(args, BlackboxSettings, create_app)
 
@@ -78,8 +78,8 @@ def _register_explainer(services) -> None:
 
 
 def _serve_explainer(args: argparse.Namespace) -> int:
-    from services.explainer.app import create_app
-    from services.explainer.settings import ExplainerSettings
+    from advexplain.services.explainer.app import create_app
+    from advexplain.services.explainer.settings import ExplainerSettings
 
     return _serve(args, ExplainerSettings, create_app)
 

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -58,10 +56,10 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> "ServiceProcess":
-        cmd = [sys.executable, "-m", "services.cli", "--threads", "1", "serve", self.service,
+        cmd = [sys.executable, "-m", "advexplain", "--threads", "1", "serve", self.service,
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready(timeout)
         return self

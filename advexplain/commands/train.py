@@ -6,12 +6,12 @@ import argparse
 import time
 from pathlib import Path
 
-from shared.checkpoints import save_checkpoint
-from shared.data import BUILTIN, fingerprint, load_images, sample_fraction
-from shared.models import ModelConfig
-from shared.distill import distill_labels
-from shared.errors import InvalidInput
-from shared.training import channel_stats, pick_device, predict, train_model
+from advexplain.shared.checkpoints import save_checkpoint
+from advexplain.shared.data import BUILTIN, fingerprint, load_images, sample_fraction
+from advexplain.shared.models import ModelConfig
+from advexplain.shared.distill import distill_labels
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.training import channel_stats, pick_device, predict, train_model
 
 # The paper's schedule (Adam, lr 0.001, batch 64; 20 epochs black box, 50 surrogate).
 PAPER_EPOCHS = {"blackbox": 20, "surrogate": 50}
@@ -115,10 +115,10 @@ def run(args) -> int:
 def distillation_oracle(source: str, label_only: bool):
     """The black box to distil from: a running service (URL) or a checkpoint folder (for benchmarks)."""
     if source.startswith(("http://", "https://")):
-        from shared.remote import RemoteClassifier
+        from advexplain.shared.remote import RemoteClassifier
 
         return RemoteClassifier(source, client_id="advexplain-distill"), source
-    from shared.classifiers import LocalClassifier
+    from advexplain.shared.classifiers import LocalClassifier
 
     path = Path(source)
     if not path.is_dir():

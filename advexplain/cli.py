@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from shared.errors import AdvexplainError
+from advexplain.shared.errors import AdvexplainError
 
 
 def set_threads(threads: int | None) -> None:
@@ -19,7 +19,7 @@ def set_threads(threads: int | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.commands import evaluate, serve, train
+    from advexplain.commands import evaluate, serve, train
 
     parser = argparse.ArgumentParser(prog="advexplain", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: ADVEXPLAIN_THREADS or 2)")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.launch import wait_healthy
+from advexplain.launch import wait_healthy
 
 
 def write_samples(blackbox: Path, out: Path, count: int) -> list[tuple[Path, str]]:
@@ -24,8 +24,8 @@ def write_samples(blackbox: Path, out: Path, count: int) -> list[tuple[Path, str
     import torch
     from torchvision.utils import save_image
 
-    from shared.checkpoints import load_checkpoint
-    from shared.data import load_images
+    from advexplain.shared.checkpoints import load_checkpoint
+    from advexplain.shared.data import load_images
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(blackbox)
@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--samples", type=Path, default=Path("samples"))
     args = parser.parse_args()
 
-    cli = [sys.executable, "-m", "services.cli"]
+    cli = [sys.executable, "-m", "advexplain"]
     token = os.environ.get("EXPLAINER_WHITEBOX_TOKEN") or secrets.token_urlsafe(24)
     blackbox_url = f"http://{args.host}:{args.blackbox_port}"
     explainer_url = f"http://{args.host}:{args.explainer_port}"

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: each script prints a table and writes JSON under bench/results/ (`python -m bench.<name>`)."""
