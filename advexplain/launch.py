@@ -23,15 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Path | None = None) -> None:
-    """Poll `url`/healthz until it answers 200; fail early if the process exits."""
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Path | None = None,
+                 path: str = "/healthz") -> None:
+    """Poll `url` + `path` until it answers 200; fail early if the process exits."""
     deadline = time.monotonic() + timeout
     tail = lambda: log.read_text(errors="replace")[-4000:] if log and log.exists() else ""  # noqa: E731
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url} exited with status {proc.returncode} before it was ready\n{tail()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -43,8 +44,9 @@ class ServiceProcess:
     """One `advexplain serve <service>` child on a loopback port, its output in a log file."""
 
     def __init__(self, service: str, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, health_path: str = "/healthz"):
         self.service = service
+        self.health_path = health_path  # e.g. /v2/models/blackbox/ready for `serve blackbox --protocol oip`
         self.port = port or free_port()
         self.args = args
         self.env = {**os.environ, "ADVEXPLAIN_THREADS": "1", **(env or {})}
@@ -55,17 +57,19 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "advexplain", "--threads", "1", "serve", self.service,
+                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+
     def start(self, wait: bool = True, timeout: float = 60.0) -> "ServiceProcess":
-        cmd = [sys.executable, "-m", "advexplain", "--threads", "1", "serve", self.service,
-               "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        wait_healthy(self.url, self.proc, timeout, self.log_path)
+        wait_healthy(self.url, self.proc, timeout, self.log_path, self.health_path)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""

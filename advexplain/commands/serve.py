@@ -35,7 +35,11 @@ def _register_blackbox(services) -> None:
     p.add_argument("--host", help="default 127.0.0.1")
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--output", choices=("proba", "label"), help="'label' answers labels only (default proba)")
-    p.add_argument("--max-images", type=int, help="files per request (default 64)")
+    p.add_argument("--protocol", choices=("predict", "oip"),
+                   help="'predict': POST /predict (default); 'oip': Open Inference Protocol v2 REST through "
+                        "KServe's model server, FP32 NCHW tensors in [0, 1] (needs the kserve extra)")
+    p.add_argument("--name", help="the model's name in OIP paths, /v2/models/<name> (default blackbox)")
+    p.add_argument("--max-images", type=int, help="files per request, or images per OIP request (default 64)")
     p.add_argument("--max-upload-bytes", type=int, help="request body limit (default 10000000)")
     p.add_argument("--max-pixels", type=int, help="pixels per image, checked before decoding (default 40000000)")
     p.add_argument("--workers", type=int, help="forward passes at once (default 1)")
@@ -48,7 +52,16 @@ def _serve_blackbox(args: argparse.Namespace) -> int:
     from advexplain.services.blackbox.app import create_app
     from advexplain.services.blackbox.settings import BlackboxSettings
 
-    return _serve(args, BlackboxSettings, create_app)
+    settings = _settings_or_exit(BlackboxSettings, {name: getattr(args, name, None) for name in BlackboxSettings.model_fields})
+    if settings.protocol == "oip":
+        try:
+            from advexplain.services.blackbox.oip import serve_oip
+        except ImportError as exc:
+            print(f"advexplain serve: --protocol oip needs the kserve extra (pip install 'advexplain[kserve]'): {exc}",
+                  file=sys.stderr)
+            return 2
+        return serve_oip(settings, log_level=args.log_level)
+    return _serve(args, BlackboxSettings, create_app, settings)
 
 
 def _register_explainer(services) -> None:
@@ -84,11 +97,12 @@ def _serve_explainer(args: argparse.Namespace) -> int:
     return _serve(args, ExplainerSettings, create_app)
 
 
-def _serve(args: argparse.Namespace, settings_cls, create_app) -> int:
+def _serve(args: argparse.Namespace, settings_cls, create_app, settings=None) -> int:
     """Settings from the flags that name a field (the environment fills the rest), then uvicorn."""
     import uvicorn
 
-    settings = _settings_or_exit(settings_cls, {name: getattr(args, name, None) for name in settings_cls.model_fields})
+    if settings is None:
+        settings = _settings_or_exit(settings_cls, {name: getattr(args, name, None) for name in settings_cls.model_fields})
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 access_log=args.log_level == "debug")
     return 0

@@ -47,10 +47,24 @@ class BlackBox:
         Counting happens only after the forward pass succeeded, so a rejected request counts nothing.
         """
         probs = await anyio.to_thread.run_sync(self.classify, files, limiter=self._limiter)
-        total = self.counter.add(client, len(files))
-        self._queries.labels(client=self._client_label(client)).inc(len(files))
-        self._queries_total.inc(len(files))
+        total = self.count(client, len(files))
         return PredictResponse(predictions=self._predictions(probs), queries=len(files)), total
+
+    async def predict_tensor(self, x: torch.Tensor, client: str) -> tuple[torch.Tensor, int]:
+        """(N, C, S, S) float in [0, 1] at the model's size -> (N, K) probabilities, and the client's running total.
+
+        The Open Inference Protocol's path (services/blackbox/oip.py): the same forward pass off the
+        event loop, the same limiter, and the same counting after it succeeded.
+        """
+        probs = await anyio.to_thread.run_sync(self.classifier.predict_proba, x, limiter=self._limiter)
+        return probs, self.count(client, int(x.shape[0]))
+
+    def count(self, client: str, images: int) -> int:
+        """Count `images` classified for `client`, in the counter and the metrics; the client's new total."""
+        total = self.counter.add(client, images)
+        self._queries.labels(client=self._client_label(client)).inc(images)
+        self._queries_total.inc(images)
+        return total
 
     def _predictions(self, probs: torch.Tensor) -> list[Prediction]:
         with_probs = self.settings.output == "proba"

@@ -20,6 +20,11 @@ class BlackboxSettings(ServiceSettings):
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)
     output: Literal["proba", "label"] = Field("proba", description="'label' makes a hard-label black box")
+    protocol: Literal["predict", "oip"] = Field(
+        "predict", description="'predict': our POST /predict; 'oip': Open Inference Protocol v2 REST through "
+                               "KServe's model server (the kserve extra)")
+    name: str = Field("blackbox", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+                      description="the model's name in OIP paths (/v2/models/<name>); protocol oip only")
     max_images: int = Field(64, ge=1, le=1024, description="files per request")
     max_upload_bytes: int = Field(10_000_000, ge=1024, description="whole request body, bytes")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of one image, checked before decoding")
