@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 BUILTIN = "elpv"
 ELPV_CLASSES = ("defective", "functional")
+# elpv4: one class per defect probability the experts gave (0, 1/3, 2/3, 1), in rising order.
+ELPV4 = "elpv4"
+ELPV4_CLASSES = ("p0-functional", "p33-possibly-defective", "p67-likely-defective", "p100-defective")
 ELPV_VALIDATION_SHARE = 0.2
 ELPV_SPLIT_SEED = 0
 
@@ -175,7 +178,7 @@ def load_folder(root: str | os.PathLike, split: str, image_size: int, progress: 
 
 
 def elpv_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Deterministic stratified split of elpv: 20% of each class to validation."""
+    """Deterministic stratified split of elpv: 20% of each class (rounded) to validation."""
     rng = np.random.default_rng(ELPV_SPLIT_SEED)
     train, validation = [], []
     for cls in np.unique(labels):
@@ -187,42 +190,72 @@ def elpv_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": np.sort(np.concatenate(train)), "validation": np.sort(np.concatenate(validation))}
 
 
+def elpv_binary_labels(probabilities: np.ndarray) -> np.ndarray:
+    """`defective` when the defect probability is >= 0.5, else `functional` (indices into ELPV_CLASSES)."""
+    return np.where(probabilities >= 0.5, ELPV_CLASSES.index("defective"), ELPV_CLASSES.index("functional"))
+
+
+def elpv_four_labels(probabilities: np.ndarray) -> np.ndarray:
+    """One class per defect probability, 0, 1/3, 2/3, 1 -> 0, 1, 2, 3 (indices into ELPV4_CLASSES)."""
+    labels = np.rint(probabilities * 3).astype(np.int64)
+    if not np.allclose(labels / 3, probabilities):
+        raise DataError("elpv defect probabilities other than 0, 1/3, 2/3 and 1: elpv4 cannot label them")
+    return labels
+
+
+# The built-in views of the one elpv data set: name -> (classes in index order, labelling).
+ELPV_VIEWS = {
+    BUILTIN: (ELPV_CLASSES, elpv_binary_labels),
+    ELPV4: (ELPV4_CLASSES, elpv_four_labels),
+}
+
+
 @functools.lru_cache(maxsize=1)
 def _elpv_raw() -> tuple[np.ndarray, np.ndarray]:
+    """The decoded package data, read once per process and shared by every view and split."""
     from elpv_dataset.utils import load_dataset
 
     raw, probabilities, _types = load_dataset()
     raw.setflags(write=False)
+    probabilities.setflags(write=False)
     return raw, probabilities
 
 
-def load_elpv(split: str, image_size: int) -> ImageSet:
+def load_elpv(split: str, image_size: int, view: str = BUILTIN) -> ImageSet:
     """The built-in data set: 2,624 electroluminescence images of solar cells (elpv-dataset).
 
-    Label `defective` when the defect probability is >= 0.5, else `functional`.
+    view `elpv`: `defective` when the defect probability is >= 0.5, else `functional`.
+    view `elpv4`: one class per defect probability, `p0-functional` (1,508 images),
+    `p33-possibly-defective` (295), `p67-likely-defective` (106), `p100-defective` (715).
+    Each view splits 20% of every one of its classes to validation with the same seed, so the
+    splits are deterministic and stratified, but they are not the same images: an `elpv` model
+    has trained on some of `elpv4`'s validation images and the other way round.
     """
     canonical = canonical_split(split)
     if canonical == "test":
-        raise DataError("the built-in elpv data set has only train and validation splits")
+        raise DataError(f"the built-in {view} data set has only train and validation splits")
+    if view not in ELPV_VIEWS:
+        raise DataError(f"unknown built-in data set {view!r}: use one of {', '.join(ELPV_VIEWS)}")
+    classes, labelling = ELPV_VIEWS[view]
     raw, probabilities = _elpv_raw()
-    labels = np.where(probabilities >= 0.5, ELPV_CLASSES.index("defective"), ELPV_CLASSES.index("functional"))
+    labels = labelling(probabilities)
     indices = elpv_split_indices(labels)[canonical]
     grey = torch.from_numpy(raw[indices]).unsqueeze(1)  # (N,1,300,300) uint8
     resized = v2.functional.resize(grey, [image_size, image_size], antialias=True)
     return ImageSet(
         images=resized.expand(-1, 3, -1, -1).contiguous(),
         labels=torch.from_numpy(labels[indices].astype(np.int64)),
-        classes=ELPV_CLASSES,
-        description={"source": "elpv-dataset", "split": canonical, "image_size": image_size,
+        classes=classes,
+        description={"source": "elpv-dataset", "view": view, "split": canonical, "image_size": image_size,
                      "split_seed": ELPV_SPLIT_SEED, "validation_share": ELPV_VALIDATION_SHARE},
         paths=[f"elpv:{i}" for i in indices.tolist()],
     )
 
 
 def load_images(data: str, split: str, image_size: int, progress: bool = True) -> ImageSet:
-    """`data` is `elpv` (the built-in default) or a folder in the Kaggle layout."""
-    if data == BUILTIN:
-        return load_elpv(split, image_size)
+    """`data` is `elpv` (the built-in default), `elpv4` (its four-class view) or a Kaggle-layout folder."""
+    if data in ELPV_VIEWS:
+        return load_elpv(split, image_size, view=data)
     return load_folder(data, split, image_size, progress=progress)
 
 

@@ -14,9 +14,11 @@ from advexplain.shared.data import ImageSet
 from advexplain.shared.errors import TrainingCollapsed
 from advexplain.shared.models import ModelConfig, PaperCNN, build_model
 
-# A network is "collapsed" when one class takes at least this share of validation predictions
-# while that class is not nearly as common in the labels.
+# Collapse rules (see check_collapse): one class takes at least COLLAPSE_SHARE of the validation
+# predictions while it is not nearly as common in the labels, or the balanced accuracy gets less
+# than COLLAPSE_INFORMEDNESS of the way from chance to perfect.
 COLLAPSE_SHARE = 0.98
+COLLAPSE_INFORMEDNESS = 0.05
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -53,8 +55,47 @@ def accuracy(model: torch.nn.Module, images: ImageSet, device: torch.device | No
     return float((predict(model, images, device=device) == images.labels).float().mean())
 
 
+def class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float | None]:
+    """Per-class accuracy (the class's recall): the share of its images predicted as it.
+
+    predictions, labels: (N,) int64 class indices. Returns one entry per class, in index order;
+    None for a class with no images in `labels` (its accuracy is undefined, not 0).
+
+    >>> class_accuracy(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), ("a", "b", "c"))
+    {'a': 1.0, 'b': 0.6666666666666666, 'c': None}
+    """
+    support = torch.bincount(labels, minlength=len(classes))
+    hits = torch.bincount(labels[predictions == labels], minlength=len(classes))
+    return {name: (float(hits[k]) / float(support[k]) if support[k] else None) for k, name in enumerate(classes)}
+
+
+def balanced_accuracy(per_class: dict[str, float | None]) -> float:
+    """Mean of the per-class accuracies over the classes that have images (chance: 1 / that count)."""
+    present = [a for a in per_class.values() if a is not None]
+    return float(sum(present) / len(present)) if present else float("nan")
+
+
 def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> None:
-    """Raise TrainingCollapsed when the network predicts essentially one class for everything."""
+    """Raise TrainingCollapsed when the network's validation predictions say nothing about the labels.
+
+    predictions, labels: (N,) int64 class indices of the validation images. Two rules, either fires:
+
+    1. Constant predictor: one class takes at least COLLAPSE_SHARE (98%) of the predictions while
+       its share of the labels is below that (a set that really is one class is no collapse).
+    2. Chance level: with K >= 2 classes present in `labels`, the balanced accuracy b (the mean of
+       the per-class accuracies) gets less than COLLAPSE_INFORMEDNESS (5%) of the way from chance
+       to perfect, (b - 1/K) / (1 - 1/K) < 0.05 (scikit-learn's "adjusted" balanced accuracy).
+
+    Rule 1 catches a network that answers the majority class for every image, but not one that
+    collapses onto the majority class of an imbalanced set a little less completely: an elpv4
+    model that answers `p0-functional` (57% of the images) for 95% of them and spreads the rest at
+    random stays under 98%, yet its balanced accuracy is about 1/K, which rule 2 catches whatever
+    the class balance. Rule 2 is deliberately not "some class is never predicted": the CPU-default
+    elpv4 black box learns the two common classes (per-class accuracy 0.89 and 0.71) and never
+    predicts the two rare ones (80 of 525 validation images), a weak model but not a collapsed
+    one (balanced accuracy 0.40, bar 0.29). Healthy two-class elpv models sit far above the bar:
+    the CPU defaults score 0.77 (black box) and 0.68 (surrogate) against 0.525 for K = 2.
+    """
     counts = torch.bincount(predictions, minlength=len(classes))
     top = int(counts.argmax())
     share = float(counts[top]) / max(1, len(predictions))
@@ -66,6 +107,25 @@ def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tup
             "a larger --width, or a lower --lr.",
             predicted_share=share,
         )
+    per_class = class_accuracy(predictions, labels, classes)
+    present = sum(a is not None for a in per_class.values())
+    if present < 2:
+        return
+    balanced = balanced_accuracy(per_class)
+    chance = 1.0 / present
+    informedness = (balanced - chance) / (1.0 - chance)
+    if informedness < COLLAPSE_INFORMEDNESS:
+        listed = ", ".join(f"{name} {a:.2f}" for name, a in per_class.items() if a is not None)
+        raise TrainingCollapsed(
+            f"training collapsed to chance level: balanced accuracy {balanced:.3f} for {present} classes "
+            f"(chance {chance:.3f}); per-class accuracy {listed}; {share:.1%} of validation images are predicted "
+            f"'{classes[top]}'. Nothing was saved. Try more --epochs, another --seed, a larger --width, or a lower --lr.",
+            predicted_share=share, balanced_accuracy=balanced, class_accuracy=per_class,
+        )
+
+
+def _rounded(per_class: dict[str, float | None]) -> dict[str, float | None]:
+    return {name: None if a is None else round(a, 6) for name, a in per_class.items()}
 
 
 @dataclass
@@ -74,6 +134,8 @@ class TrainResult:
     record: TrainingRecord
     val_accuracy: float
     train_accuracy: float
+    val_class_accuracy: dict[str, float | None]  # per class, None where the class has no validation images
+    val_balanced_accuracy: float
 
 
 def train_model(
@@ -93,8 +155,9 @@ def train_model(
     """Adam + cross-entropy, as in the paper. Same seed and device give the same weights.
 
     targets: optional (N, K) probabilities per training image (soft labels, for distillation);
-    by default the folder labels are the targets. Raises TrainingCollapsed when `check` is on
-    and the trained network predicts one class for nearly all validation images.
+    by default the folder labels are the targets. Every epoch's history entry holds the validation
+    accuracy overall, per class and balanced. Raises TrainingCollapsed when `check` is on and the
+    trained network's validation predictions collapse (see check_collapse).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -104,6 +167,7 @@ def train_model(
     history: list[dict] = []
     started = time.perf_counter()
     n = len(train_set)
+    predictions: torch.Tensor | None = None  # the last epoch's validation predictions
     for epoch in range(1, epochs + 1):
         model.train()
         order = torch.randperm(n, generator=generator)
@@ -127,18 +191,28 @@ def train_model(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-        val_acc = accuracy(model, val_set, device=device)
+        predictions = predict(model, val_set, device=device)
+        val_acc = float((predictions == val_set.labels).float().mean())
+        per_class = class_accuracy(predictions, val_set.labels, val_set.classes)
         entry = {"epoch": epoch, "loss": round(total_loss / max(seen, 1), 6),
-                 "train_accuracy": round(correct / max(seen, 1), 6), "val_accuracy": round(val_acc, 6)}
+                 "train_accuracy": round(correct / max(seen, 1), 6), "val_accuracy": round(val_acc, 6),
+                 "val_balanced_accuracy": round(balanced_accuracy(per_class), 6),
+                 "val_class_accuracy": _rounded(per_class)}
         history.append(entry)
         if progress:
             tqdm.write(f"epoch {epoch}/{epochs}  loss {entry['loss']:.4f}  train acc {entry['train_accuracy']:.3f}  "
-                       f"val acc {val_acc:.3f}")
+                       f"val acc {val_acc:.3f}  balanced {entry['val_balanced_accuracy']:.3f}")
     seconds = time.perf_counter() - started
     model.eval()
+    if predictions is None:
+        predictions = predict(model, val_set, device=device)
     if check:
-        check_collapse(predict(model, val_set, device=device), val_set.labels, val_set.classes)
+        check_collapse(predictions, val_set.labels, val_set.classes)
+    per_class = class_accuracy(predictions, val_set.labels, val_set.classes)
     record = TrainingRecord(seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, device=str(device),
                             seconds=round(seconds, 2), history=history)
-    return TrainResult(model=model, record=record, val_accuracy=history[-1]["val_accuracy"] if history else accuracy(model, val_set, device),
-                       train_accuracy=history[-1]["train_accuracy"] if history else 0.0)
+    return TrainResult(model=model, record=record,
+                       val_accuracy=round(float((predictions == val_set.labels).float().mean()), 6),
+                       train_accuracy=history[-1]["train_accuracy"] if history else 0.0,
+                       val_class_accuracy=_rounded(per_class),
+                       val_balanced_accuracy=round(balanced_accuracy(per_class), 6))

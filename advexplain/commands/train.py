@@ -25,7 +25,8 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train the black box or the surrogate and save a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("kind", choices=("blackbox", "surrogate"))
-    p.add_argument("--data", default=BUILTIN, help="'elpv' (built-in) or a folder <root>/<split>/<class>/<image>")
+    p.add_argument("--data", default=BUILTIN,
+                   help="'elpv' (built-in, 2 classes), 'elpv4' (built-in, 4 classes) or a folder <root>/<split>/<class>/<image>")
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder (default models/<kind>)")
     p.add_argument("--fraction", type=float, default=None,
                    help="seeded random share of the training split (default 1.0 black box, 0.1 surrogate)")
@@ -89,7 +90,10 @@ def run(args) -> int:
                          width=width, mean=mean, std=std)
     result = train_model(config, train_set, val_set, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, device=device, progress=progress, targets=targets)
-    metrics = {"val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy}
+    metrics = {"val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy,
+               "val_balanced_accuracy": result.val_balanced_accuracy}
+    # config.json's metrics are flat numbers: one key per class, absent for a class without validation images.
+    metrics.update({f"val_class_accuracy/{name}": a for name, a in result.val_class_accuracy.items() if a is not None})
     if distillation is not None:
         agreement = float((predict(result.model, agreement_set, device=device) == agreement_set.labels).float().mean())
         distillation["agreement"] = round(agreement, 6)
@@ -109,6 +113,10 @@ def run(args) -> int:
                     metrics=metrics, distillation=distillation)
     print(f"{args.kind}: validation accuracy {result.val_accuracy:.4f} after {result.record.seconds:.1f}s of training; "
           f"saved to {out}")
+    support = val_set.class_counts()
+    per_class = ", ".join(f"{name} {'-' if a is None else f'{a:.4f}'} ({support[name]})"
+                          for name, a in result.val_class_accuracy.items())
+    print(f"{args.kind}: validation accuracy per class (images): {per_class}; balanced {result.val_balanced_accuracy:.4f}")
     return 0
 
 

@@ -8,9 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from advexplain.shared.data import ImageSet, canonical_split, load_elpv, load_folder, load_images, load_pil_rgb, sample_fraction
+from advexplain.shared import data as data_module
+from advexplain.shared.data import (
+    ELPV4_CLASSES,
+    ImageSet,
+    canonical_split,
+    elpv_four_labels,
+    elpv_split_indices,
+    load_elpv,
+    load_folder,
+    load_images,
+    load_pil_rgb,
+    sample_fraction,
+)
 from advexplain.shared.errors import DataError
 
 
@@ -106,6 +120,64 @@ def test_elpv_default_is_deterministic_and_stratified():
     assert torch.equal(load_elpv("validation", 32).images, val.images)
     with pytest.raises(DataError):
         load_elpv("test", 32)
+
+
+ELPV4_COUNTS = {"p0-functional": 1508, "p33-possibly-defective": 295, "p67-likely-defective": 106, "p100-defective": 715}
+
+
+def test_elpv4_is_stratified_deterministic_and_named():
+    train = load_images("elpv4", "train", 16)
+    val = load_images("elpv4", "Validation", 16)
+    assert train.classes == val.classes == ELPV4_CLASSES == tuple(ELPV4_COUNTS)
+    assert train.description["view"] == val.description["view"] == "elpv4"
+    assert set(train.paths).isdisjoint(val.paths) and len(train) + len(val) == 2624
+    assert val.class_counts() == {"p0-functional": 302, "p33-possibly-defective": 59, "p67-likely-defective": 21,
+                                  "p100-defective": 143}
+    for name, total in ELPV4_COUNTS.items():
+        assert train.class_counts()[name] + val.class_counts()[name] == total
+        assert val.class_counts()[name] == round(total * 0.2), f"{name}: 20% of the class goes to validation"
+    again = load_elpv("validation", 16, view="elpv4")
+    assert again.paths == val.paths and torch.equal(again.images, val.images) and torch.equal(again.labels, val.labels)
+    with pytest.raises(DataError, match="only train and validation"):
+        load_images("elpv4", "test", 16)
+
+
+def test_elpv4_refines_elpv_and_shares_its_decoded_data():
+    """Every image keeps its defect probability: p0/p33 are `functional` in elpv, p67/p100 `defective`."""
+    load_images("elpv", "validation", 16)
+    misses = data_module._elpv_raw.cache_info().misses
+    binary, four = {}, {}
+    for split in ("train", "validation"):
+        for view, out in (("elpv", binary), ("elpv4", four)):
+            images = load_images(view, split, 16)
+            out.update((p, images.classes[int(y)]) for p, y in zip(images.paths, images.labels))
+    assert data_module._elpv_raw.cache_info().misses == misses, "both views read the package data once"
+    assert binary.keys() == four.keys() and len(four) == 2624
+    coarse = {"p0-functional": "functional", "p33-possibly-defective": "functional",
+              "p67-likely-defective": "defective", "p100-defective": "defective"}
+    assert all(binary[p] == coarse[four[p]] for p in four)
+
+
+def test_elpv4_labels_only_the_four_probabilities():
+    assert elpv_four_labels(np.array([0.0, 1 / 3, 2 / 3, 1.0])).tolist() == [0, 1, 2, 3]
+    with pytest.raises(DataError, match="elpv4"):
+        elpv_four_labels(np.array([0.0, 0.5]))
+    with pytest.raises(DataError, match="unknown built-in"):
+        load_elpv("train", 16, view="elpv3")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=300))
+def test_elpv_split_is_a_stratified_partition(labels):
+    labels = np.array(labels)
+    split = elpv_split_indices(labels)
+    train, val = split["train"], split["validation"]
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels))), "a partition"
+    for cls in np.unique(labels):
+        n = int((labels == cls).sum())
+        assert abs(int((labels[val] == cls).sum()) - 0.2 * n) <= 0.5, "20% of every class, rounded"
+    again = elpv_split_indices(labels)
+    assert np.array_equal(again["train"], train) and np.array_equal(again["validation"], val)
 
 
 def test_sample_fraction_is_seeded():

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from advexplain.shared.data import ImageSet
+from advexplain.shared.data import ELPV4_CLASSES, ImageSet
 from advexplain.shared.errors import TrainingCollapsed
-from advexplain.shared.models import ModelConfig
-from advexplain.shared.training import check_collapse, train_model
+from advexplain.shared.models import ModelConfig, build_model
+from advexplain.shared.training import balanced_accuracy, check_collapse, class_accuracy, predict, train_model
 
 
 def toy_set(n: int = 64, seed: int = 0) -> ImageSet:
@@ -27,6 +29,18 @@ def toy_set(n: int = 64, seed: int = 0) -> ImageSet:
 
 
 CONFIG = ModelConfig(architecture="surrogate", image_size=16, width=0.0625)
+# elpv4's validation split: p0-functional, p33-possibly-defective, p67-likely-defective, p100-defective.
+ELPV4_VALIDATION = (302, 59, 21, 143)
+
+
+def four_class_set(counts=ELPV4_VALIDATION, seed: int = 0) -> ImageSet:
+    """Four brightness levels, imbalanced like elpv4: class k has grey level 30 + 65k, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
+    base = (30 + 65 * labels).view(-1, 1, 1, 1)
+    noise = torch.randint(-12, 12, (len(labels), 3, 16, 16), generator=g)
+    return ImageSet(images=(base + noise).clamp(0, 255).to(torch.uint8), labels=labels, classes=ELPV4_CLASSES,
+                    description={"source": "toy"})
 
 
 def test_a_few_steps_lower_the_loss():
@@ -56,6 +70,84 @@ def test_collapse_is_detected():
     check_collapse(torch.zeros(100, dtype=torch.int64), torch.zeros(100, dtype=torch.int64), ("a", "b"))
 
 
+def test_class_accuracy_on_a_hand_made_example():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 3, 3, 3, 3])
+    predictions = torch.tensor([0, 0, 0, 1, 1, 0, 3, 2, 2, 0])
+    per_class = class_accuracy(predictions, labels, ELPV4_CLASSES)
+    assert per_class == {"p0-functional": 0.75, "p33-possibly-defective": 0.5, "p67-likely-defective": None,
+                         "p100-defective": 0.25}, "a class without images has no accuracy, not 0"
+    assert balanced_accuracy(per_class) == pytest.approx((0.75 + 0.5 + 0.25) / 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=200))
+def test_class_accuracy_weighted_by_support_is_accuracy(pairs):
+    labels = torch.tensor([y for y, _ in pairs])
+    predictions = torch.tensor([p for _, p in pairs])
+    per_class = class_accuracy(predictions, labels, ELPV4_CLASSES)
+    support = torch.bincount(labels, minlength=4).tolist()
+    assert [a is None for a in per_class.values()] == [n == 0 for n in support]
+    assert all(0.0 <= a <= 1.0 for a in per_class.values() if a is not None)
+    weighted = sum(a * n for a, n in zip(per_class.values(), support) if a is not None) / len(labels)
+    assert weighted == pytest.approx(float((predictions == labels).float().mean()))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=200), st.integers(0, 3))
+def test_constant_predictor_collapses_iff_labels_hold_two_classes(labels, constant):
+    """Whatever the class balance; and perfect predictions never count as a collapse."""
+    labels = torch.tensor(labels)
+    check_collapse(labels.clone(), labels, ELPV4_CLASSES)
+    constant_predictions = torch.full_like(labels, constant)
+    if len(labels.unique()) >= 2:
+        with pytest.raises(TrainingCollapsed):
+            check_collapse(constant_predictions, labels, ELPV4_CLASSES)
+    elif int(labels[0]) == constant:
+        check_collapse(constant_predictions, labels, ELPV4_CLASSES)
+
+
+def test_majority_only_four_class_model_collapses():
+    """A network forced to answer the majority class: caught, and so is a near-constant one under 98%."""
+    val = four_class_set()
+    model = build_model(CONFIG.model_copy(update={"num_classes": 4})).eval()
+    with torch.no_grad():
+        head = model.classifier[-1]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+    predictions = predict(model, val)
+    assert predictions.eq(0).all()
+    with pytest.raises(TrainingCollapsed, match="collapsed"):
+        check_collapse(predictions, val.labels, val.classes)
+    # 95% majority, the rest at random among the others: under the 98% share rule, at chance by balanced accuracy
+    g = torch.Generator().manual_seed(0)
+    near = torch.where(torch.rand(len(val), generator=g) < 0.95, 0, torch.randint(1, 4, (len(val),), generator=g))
+    assert 0.9 < float(near.eq(0).float().mean()) < 0.98
+    with pytest.raises(TrainingCollapsed, match="chance level") as caught:
+        check_collapse(near, val.labels, val.classes)
+    assert caught.value.details["balanced_accuracy"] < 0.25 + 0.05 * 0.75
+    assert set(caught.value.details["class_accuracy"]) == set(ELPV4_CLASSES)
+
+
+def test_healthy_four_class_model_reports_per_class_accuracy():
+    data = four_class_set(counts=(60, 12, 6, 30))
+    result = train_model(CONFIG.model_copy(update={"num_classes": 4}), data, data, epochs=10, batch_size=8, seed=0,
+                         progress=False)  # check on: must not count as a collapse
+    assert list(result.val_class_accuracy) == list(ELPV4_CLASSES)
+    predictions = predict(result.model, data)
+    assert result.val_class_accuracy == pytest.approx(class_accuracy(predictions, data.labels, data.classes), abs=1e-6)
+    assert result.val_balanced_accuracy == pytest.approx(balanced_accuracy(result.val_class_accuracy), abs=1e-6)
+    assert result.val_balanced_accuracy > 0.5
+    last = result.record.history[-1]
+    assert last["val_class_accuracy"] == result.val_class_accuracy
+    assert last["val_balanced_accuracy"] == result.val_balanced_accuracy
+
+
+def test_healthy_two_class_model_is_no_collapse():
+    data = toy_set()
+    result = train_model(CONFIG, data, data, epochs=6, batch_size=8, seed=0, progress=False)
+    assert set(result.val_class_accuracy) == {"dark", "bright"} and result.val_balanced_accuracy > 0.9
+
+
 def test_collapsed_training_saves_nothing(tmp_path: Path):
     """lr so high the network diverges to one class: the CLI says so and writes no checkpoint."""
     out = tmp_path / "bb"
@@ -82,3 +174,23 @@ def test_cli_trains_and_stores_accuracy(tmp_path: Path):
     assert meta["data"]["fraction"] == 0.1 and meta["data"]["train_images"] == 210
     assert 0.5 < meta["metrics"]["val_accuracy"] <= 1.0
     assert f"validation accuracy {meta['metrics']['val_accuracy']:.4f}" in proc.stdout
+
+
+def test_cli_trains_elpv4_and_reports_per_class_accuracy(tmp_path: Path):
+    out = tmp_path / "bb4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "advexplain", "--threads", "1", "train", "blackbox", "--data", "elpv4", "--epochs", "3",
+         "--image-size", "32", "--width", "0.0625", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "config.json").read_text())
+    assert tuple(meta["classes"]) == ELPV4_CLASSES and meta["data"]["validation"]["view"] == "elpv4"
+    metrics = meta["metrics"]
+    per_class = {name: metrics[f"val_class_accuracy/{name}"] for name in ELPV4_CLASSES}
+    assert metrics["val_balanced_accuracy"] == pytest.approx(sum(per_class.values()) / 4, abs=1e-5)
+    assert meta["training"]["history"][-1]["val_class_accuracy"] == per_class
+    counts = (302, 59, 21, 143)
+    assert metrics["val_accuracy"] == pytest.approx(sum(a * n for a, n in zip(per_class.values(), counts)) / 525, abs=1e-5)
+    printed = ", ".join(f"{name} {per_class[name]:.4f} ({n})" for name, n in zip(ELPV4_CLASSES, counts))
+    assert printed in proc.stdout, proc.stdout
