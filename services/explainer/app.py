@@ -14,6 +14,7 @@ from advexplain.services.common.errors import install_error_handlers
 from advexplain.services.common.limits import BodyLimitMiddleware, HeaderLimitMiddleware
 from advexplain.services.common.metrics import LatencyMiddleware, ServiceMetrics
 from advexplain.services.explainer.auth import TokenGuardMiddleware
+from advexplain.services.explainer.page import page_router
 from advexplain.services.explainer.routes import router, whitebox_router
 from advexplain.services.explainer.service import Explainer, build_http_client, load_surrogate
 from advexplain.services.explainer.settings import ExplainerSettings
@@ -68,6 +69,9 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
     app.add_middleware(HeaderLimitMiddleware, on_error=metrics.record_error)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.include_router(router, form_limits={"max_files": 1})
+    # The page for people (GET / and its assets). Its strict CSP is on its own responses only: /docs
+    # loads Swagger UI from a CDN and would break under it.
+    app.include_router(page_router)
     # Without a token and a model the white-box route does not exist: 404, and not in the schema.
     if settings.whitebox_enabled:
         app.include_router(whitebox_router, form_limits={"max_files": 1})
