@@ -104,7 +104,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from advexplain.services.common.images import decode_image
+    from advexplain.shared.images import decode_image
     from advexplain.shared.classifiers import LocalClassifier
 
     if not (args.model / "config.json").is_file():

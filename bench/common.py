@@ -79,8 +79,8 @@ def load_bench(args) -> Bench:
     if not args.data:
         raise SystemExit("no data: pass --data or set ADVEXPLAIN_FACES")
     bb_ckpt, sg_ckpt = load_checkpoint(args.blackbox), load_checkpoint(args.surrogate)
-    blackbox = LocalClassifier(bb_ckpt.model, bb_ckpt.classes, name=str(args.blackbox))
-    surrogate = LocalClassifier(sg_ckpt.model, sg_ckpt.classes, name=str(args.surrogate))
+    blackbox = LocalClassifier(bb_ckpt.model, bb_ckpt.classes)
+    surrogate = LocalClassifier(sg_ckpt.model, sg_ckpt.classes)
     data = load_images(args.data, args.split, bb_ckpt.meta.image_size, progress=False)
     if tuple(data.classes) != tuple(bb_ckpt.classes):
         raise SystemExit(f"data classes {data.classes} differ from the black box's {bb_ckpt.classes}")
@@ -124,11 +124,12 @@ def run_ours(bench: Bench, method: str, source: str, oracle: str, options: dict 
     grad = bench.blackbox if source == "blackbox" else bench.surrogate
     out = []
     for image, label in zip(bench.images, bench.labels):
-        if oracle == "blackbox" and source == "blackbox":
+        white = oracle == "blackbox" and source == "blackbox"
+        if white:
             box = bench.blackbox          # white-box: gradient source IS the oracle
         else:
             box = LocalClassifier(bench.blackbox.model, bench.blackbox.classes, label_only=(oracle == "label_only"))
-        out.append(explain(image, int(label), grad, box, method, **(options or {})))
+        out.append(explain(image, int(label), grad, box, method, whitebox=white, **(options or {})))
     return out
 
 

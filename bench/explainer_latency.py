@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from advexplain.services.common.images import decode_image  # noqa: E402
+from advexplain.shared.images import decode_image  # noqa: E402
 from advexplain.launch import ServiceProcess  # noqa: E402
 from advexplain.shared.checkpoints import load_checkpoint  # noqa: E402
 from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
@@ -83,8 +83,8 @@ def main() -> int:
     torch.set_num_threads(1)
 
     bb_ckpt, sg_ckpt = load_checkpoint(args.blackbox), load_checkpoint(args.surrogate)
-    blackbox = LocalClassifier(bb_ckpt.model, bb_ckpt.classes, name=str(args.blackbox))
-    surrogate = LocalClassifier(sg_ckpt.model, sg_ckpt.classes, name=str(args.surrogate))
+    blackbox = LocalClassifier(bb_ckpt.model, bb_ckpt.classes)
+    surrogate = LocalClassifier(sg_ckpt.model, sg_ckpt.classes)
     spec = bb_ckpt.meta.data.get("spec", "elpv")
     data = load_images(spec, "validation", bb_ckpt.meta.image_size, progress=False)
     x = data.as_float()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from advexplain.commands.evaluate import PAPER, summarise  # noqa: E402
+from advexplain.shared.evaluation import PAPER, summarise  # noqa: E402
 from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
 from advexplain.shared.data import load_images, sample_fraction  # noqa: E402
 from advexplain.shared.distill import distill_labels  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> int:
 
     blackbox_model = bb.model.eval()
     # Distillation spends real (counted) queries of a label-only black box on the local images.
-    distill_oracle = LocalClassifier(blackbox_model, train.classes, name="blackbox", label_only=True)
+    distill_oracle = LocalClassifier(blackbox_model, train.classes, label_only=True)
     labelled = distill_labels(distill_oracle, local, budget=len(local), seed=args.seed)
     t = time.perf_counter()
     dis = fit("surrogate", labelled.train, args.surrogate_epochs, targets=labelled.targets)
@@ -125,7 +125,7 @@ def main() -> int:
     wrong = (bb_val_pred != val.labels).nonzero().flatten().tolist()
     log(stage="misclassified", count=len(wrong), blackbox_val_accuracy=1 - len(wrong) / len(val))
 
-    members = {name: LocalClassifier(s["model"], train.classes, name=name) for name, s in surrogates.items()}
+    members = {name: LocalClassifier(s["model"], train.classes) for name, s in surrogates.items()}
     sources = {
         "ground-truth": members["ground-truth"],
         "distilled": members["distilled"],
@@ -138,13 +138,15 @@ def main() -> int:
 
     summary = []
     for mode, method, surrogate, label_only in runs:
-        oracle = LocalClassifier(blackbox_model, train.classes, name="blackbox", label_only=label_only)
+        oracle = LocalClassifier(blackbox_model, train.classes, label_only=label_only)
         source = oracle if mode == "whitebox" else sources[surrogate]
         results = []
         t = time.perf_counter()
         for i in wrong:
+            # The published method is reproduced unbounded (max_linf 1); ours keep the default bound.
+            bound = {"max_linf": 1.0} if method == "paper" else {}
             results.append(explain(val.as_float(slice(i, i + 1))[0], int(val.labels[i]), source, oracle, method,
-                                   max_queries=args.max_queries))
+                                   whitebox=mode == "whitebox", max_queries=args.max_queries, **bound))
         if device.type == "cuda":
             torch.cuda.synchronize()
         metrics = summarise(results, len(wrong))

@@ -29,7 +29,7 @@ from torch import nn
 
 from bench.common import (OUR_SETTINGS, Bench, base_parser, fmt, load_bench, markdown_table, mean, median,
                     run_ours, seed_everything, write_json)
-from advexplain.shared.explain.base import quantise
+from advexplain.shared.pixels import quantise
 
 
 class CountingNetwork(nn.Module):

@@ -36,7 +36,7 @@ import torch
 
 from bench.common import (OUR_SETTINGS, Timer, auc, base_parser, blend_curve_inputs, fmt, gaussian_blur, load_bench,
                     magnitude_map, markdown_table, mean, run_ours, seed_everything, topk_mask, write_json)
-from advexplain.shared.explain.base import margin_and_gradient
+from advexplain.shared.explain.base import value_and_grad
 from advexplain.shared.saliency import saliency_map
 
 FRACTIONS = [i / 32 for i in range(33)]
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
     # Shared references, identical for every map.
     blurred = [gaussian_blur(image) for image in bench.images]
-    directions = [margin_and_gradient(bench.surrogate, image, int(label))[1].sign()
+    directions = [value_and_grad(lambda x, y=int(label): bench.surrogate.margin(x, y), image[None])[1][0].sign()
                   for image, label in zip(bench.images, bench.labels)]
 
     results: dict[str, dict] = {}

@@ -3,36 +3,46 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from advexplain.shared.checkpoints import Checkpoint, load_checkpoint
 from advexplain.shared.models import PaperCNN
 
 
 def fit_to_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a [0,1] batch to (size, size) the way uploaded images are resized; no-op when it fits."""
+    """Resize a [0,1] batch of any size to (size, size) the way training images were resized
+    (bilinear, antialiased, aspect ratio not kept); differentiable; a no-op when it already fits."""
     if x.shape[-2:] == (size, size):
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def logit_margin(logits: torch.Tensor, goal: int) -> torch.Tensor:
+    """(N, K) logits -> (N,) logit of `goal` minus the largest other logit."""
+    others = logits.masked_fill(F.one_hot(torch.tensor(goal, device=logits.device), logits.shape[1]).bool(),
+                                float("-inf"))
+    return logits[:, goal] - others.max(dim=1).values
 
 
 class LocalClassifier:
-    """A network as a DifferentiableClassifier that counts every image it classifies.
+    """A network as a Classifier, DifferentiableClassifier and GradientSource, counting what it classifies.
 
-    `predict_proba` counts one query per image (thread-safe); `logits` is the gradient source and
-    counts nothing. The network stays in eval mode and its parameters are never changed.
+    `predict_proba` counts one query per image (thread-safe); `logits`, `margin` and `loss` are the
+    gradient source and count nothing. Images of any size are resized to the network's input
+    inside the graph. The network stays in eval mode and its parameters are never changed.
 
     >>> clf = LocalClassifier.from_checkpoint("models/blackbox")      # doctest: +SKIP
-    >>> clf.predict_proba(torch.rand(2, 3, 64, 64)).shape             # doctest: +SKIP
+    >>> clf.predict_proba(torch.rand(2, 3, 80, 105)).shape            # doctest: +SKIP
     torch.Size([2, 2])
     """
 
-    def __init__(self, model: PaperCNN, classes: tuple[str, ...], name: str = "local", label_only: bool = False):
+    def __init__(self, model: PaperCNN, classes: Sequence[str], label_only: bool = False):
         self.model = model.eval()
         self.classes = tuple(classes)
-        self.name = name
         self.label_only = label_only
         self.image_size = model.config.image_size
         self._lock = threading.Lock()
@@ -41,7 +51,7 @@ class LocalClassifier:
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", label_only: bool = False) -> "LocalClassifier":
         ckpt: Checkpoint = load_checkpoint(path, device=device)
-        return cls(ckpt.model, ckpt.classes, name=str(path), label_only=label_only)
+        return cls(ckpt.model, ckpt.classes, label_only=label_only)
 
     @property
     def device(self) -> torch.device:
@@ -54,6 +64,16 @@ class LocalClassifier:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0,1] -> (N, K) logits; autograd flows back to x."""
         return self.model(fit_to_size(x.to(self.device), self.image_size))
+
+    def margin(self, x: torch.Tensor, goal: int) -> torch.Tensor:
+        return logit_margin(self.logits(x), goal)
+
+    def loss(self, x: torch.Tensor, label: int) -> torch.Tensor:
+        logits = self.logits(x)
+        return F.cross_entropy(logits, torch.full((logits.shape[0],), label, device=logits.device), reduction="none")
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

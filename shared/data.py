@@ -259,6 +259,64 @@ def load_images(data: str, split: str, image_size: int, progress: bool = True) -
     return load_folder(data, split, image_size, progress=progress)
 
 
+# -- photos at their own size ---------------------------------------------------------------------
+# Training decodes every image to one square size (ImageSet); explaining and evaluating must not,
+# since a box of unknown input geometry judges the photo as it is.
+
+@dataclass
+class PhotoSet:
+    """photos: uint8 (3, H_i, W_i) tensors, each at its own size; labels; classes in index order."""
+
+    photos: list[torch.Tensor]
+    labels: list[int]
+    classes: tuple[str, ...]
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Photo i as (3, H, W) float32 in [0, 1] (on the 8-bit grid)."""
+        return self.photos[i].float().div(255.0)
+
+
+def load_photos(data: str, split: str) -> PhotoSet:
+    """Every image of a split at its own size: a built-in view (300x300 greyscale cells, as RGB) or a folder
+    `<root>/<split>/<class>/<image>` (classes in sorted folder order; unreadable files are skipped
+    with a warning and listed)."""
+    if data in ELPV_VIEWS:
+        canonical = canonical_split(split)
+        if canonical == "test":
+            raise DataError(f"the built-in {data} data set has only train and validation splits")
+        classes, labelling = ELPV_VIEWS[data]
+        raw, probabilities = _elpv_raw()
+        labels = labelling(probabilities)
+        indices = elpv_split_indices(labels)[canonical]
+        photos = [torch.from_numpy(raw[i].copy()).unsqueeze(0).expand(3, -1, -1).contiguous() for i in indices]
+        return PhotoSet(photos, [int(labels[i]) for i in indices], classes, [f"elpv:{i}" for i in indices])
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    split_dir = find_split_dir(root, split)
+    classes, class_to_idx = find_classes(str(split_dir))
+    samples = make_dataset(str(split_dir), class_to_idx, extensions=EXTENSIONS, allow_empty=True)
+    out = PhotoSet([], [], tuple(classes), [])
+    for path, target in samples:
+        try:
+            rgb = load_pil_rgb(path)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means: skip this one file
+            log.warning("skipping unreadable image %s: %s", path, exc)
+            out.skipped.append((path, f"{type(exc).__name__}: {exc}"))
+            continue
+        out.photos.append(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous())
+        out.labels.append(target)
+        out.paths.append(path)
+    if not out.photos:
+        raise DataError(f"{split_dir} holds no readable images")
+    return out
+
+
 def sample_fraction(images: ImageSet, fraction: float, seed: int) -> ImageSet:
     """A seeded random `fraction` of the images (the paper's surrogate gets 10% of the training data)."""
     if not 0.0 < fraction <= 1.0:

@@ -1,74 +1,78 @@
-"""RemoteClassifier: the Classifier protocol over HTTP against the black-box service, counting queries.
+"""RemoteClassifier: the Classifier protocol over HTTP against any box that answers `POST /predict`.
 
-Wire contract (services/blackbox):
-- `GET /healthz` -> {"status": "ready", "classes": [...], "output": "proba"|"label", "max_images": int, ...}.
-  The class list (index order) comes from here, fetched once on first use and counting no query;
-  a label-only box names only the predicted label, so the class list cannot come from /predict.
-- `POST /predict`, multipart field `image` repeated -> {"predictions": [{"label", "index",
-  "probabilities"?}], "queries": int} in request order, header `X-Query-Count` (this client's total).
+Nothing but `POST /predict` in the shape of `advexplain.shared.wire` is required of the box. The
+class names are the caller's (the surrogate's checkpoint, or a setting) and every label the box
+answers is matched against them by name: a label outside them is a bad answer (502 in the
+services), never guessed at. `GET /healthz` is optional: when the box has one, it is used for
+readiness and for `max_images` (files per request); without one, images go one per request.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import threading
+from collections.abc import Sequence
 
 import httpx
-import numpy as np
 import torch
-from PIL import Image
+from pydantic import ValidationError
 
 from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from advexplain.shared.pixels import encode_png
+from advexplain.shared.wire import PredictResponse
 
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_MAX_IMAGES = 64
+# Files per request when the box does not say (no /healthz, or one without max_images): one, the
+# only number any /predict is sure to take.
+UNKNOWN_MAX_IMAGES = 1
 
-
-def encode_png(image: torch.Tensor) -> bytes:
-    """One (C, H, W) float image in [0, 1] (C = 1 or 3) -> lossless 8-bit PNG bytes (rounded to 1/255)."""
-    arr = image.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round().to(torch.uint8)
-    arr = np.ascontiguousarray(arr.permute(1, 2, 0).numpy())
-    img = Image.fromarray(arr[..., 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+# Readiness states (`RemoteClassifier.health`).
+READY, NO_HEALTH_ENDPOINT, NOT_READY, UNREACHABLE = "ok", "no_health_endpoint", "not_ready", "unreachable"
 
 
 class RemoteClassifier:
-    """A black box reached over HTTP: `predict_proba` sends the images and returns what it answers.
+    """A black box reached over HTTP: `predict_proba` sends images and returns what it answers.
 
-    Each image of the batch travels as a lossless 8-bit PNG (so inputs are quantised to 1/255, the
-    same as any image file); a batch goes as one multipart request, or several of at most the box's
-    `max_images`. `queries` counts images the box classified for this object; `last_query_count` is
-    the box's own running total for `client_id` (its `X-Query-Count`), so the two can be compared.
+    Each image travels as a lossless 8-bit PNG at its own size (so inputs are quantised to 1/255,
+    the same as any image file; the box resizes as it likes); `predict_files` sends encoded files
+    as they are (the user's upload, for its first prediction). A batch goes as one multipart
+    request, or several of at most `max_images`. `queries` counts images the box classified for
+    this object; `last_query_count` is the box's own running total for `client_id` when it sends
+    `X-Query-Count`.
 
     Errors: connection refused/reset -> UpstreamUnavailable (also a 503 answer), timeout ->
-    UpstreamTimeout, any other non-2xx answer, junk or a wrong shape -> UpstreamBadResponse. Only
-    failed connects are retried (`connect_retries`, via httpx.HTTPTransport): a POST that reached the
-    box may have been counted, so it is never resent.
+    UpstreamTimeout, any other non-2xx answer, junk, a wrong count or a label outside `classes`
+    -> UpstreamBadResponse. Only failed connects are retried (`connect_retries`, on the transport):
+    a POST that reached the box may have been counted, so it is never resent.
 
-    `client` is injected in tests (e.g. a Starlette TestClient); without one an httpx.Client is built
-    with the timeout and retries and closed by `close()`. Thread-safe: the explainer calls it from
-    worker threads.
+    `client` is injected in tests and by the services (a pooled client); without one an
+    httpx.Client is built with the timeout and retries and closed by `close()`. Thread-safe.
 
-    >>> box = RemoteClassifier("http://127.0.0.1:8000")              # doctest: +SKIP
-    >>> box.predict_proba(torch.rand(2, 3, 64, 64)).shape            # doctest: +SKIP
+    >>> box = RemoteClassifier("http://127.0.0.1:8000", classes=("female", "male"))   # doctest: +SKIP
+    >>> box.predict_proba(torch.rand(2, 3, 105, 80)).shape                          # doctest: +SKIP
     torch.Size([2, 2])
     """
 
     def __init__(
         self,
         base_url: str,
+        classes: Sequence[str],
         *,
         client: httpx.Client | None = None,
         client_id: str = "advexplain-explainer",
         timeout: float = DEFAULT_TIMEOUT,
         connect_retries: int = 2,
+        max_images: int | None = None,
     ):
+        classes = tuple(classes)
+        if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
+            raise InvalidInput(f"a remote classifier needs at least two distinct class names, got {classes!r}")
         if connect_retries < 0:
             raise ValueError("connect_retries must be >= 0")
+        if max_images is not None and max_images < 1:
+            raise ValueError("max_images must be >= 1")
         self.base_url = base_url.rstrip("/")
+        self.classes = classes
         self.client_id = client_id
         self._owns_client = client is None
         if client is None:
@@ -80,35 +84,46 @@ class RemoteClassifier:
         self._lock = threading.Lock()
         self._queries = 0
         self._last_query_count: int | None = None
-        self._info: dict | None = None
+        self._max_images = max_images
 
     # ------------------------------------------------------------ what the box says about itself
 
-    def _describe(self) -> dict:
-        with self._lock:
-            if self._info is not None:
-                return self._info
-        body = self._json(self._request("GET", "/healthz"))
-        classes = body.get("classes") if isinstance(body, dict) else None
-        if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes)
-                or len(set(classes)) != len(classes)):
-            raise UpstreamBadResponse(f"{self.base_url}/healthz did not list the class names: {str(body)[:200]}")
-        max_images = body.get("max_images", DEFAULT_MAX_IMAGES)
-        if not isinstance(max_images, int) or max_images < 1:
-            max_images = DEFAULT_MAX_IMAGES
-        info = {"classes": tuple(classes), "max_images": max_images, "output": body.get("output")}
-        with self._lock:
-            self._info = info
-        return info
+    def health(self, timeout: float | None = None) -> tuple[str, str]:
+        """(state, detail) from the box's optional GET /healthz; counts no query.
 
-    @property
-    def classes(self) -> tuple[str, ...]:
-        """The box's class names in index order (one GET /healthz on first use; no query counted)."""
-        return self._describe()["classes"]
+        state: READY (200), NO_HEALTH_ENDPOINT (the box answers, but has no /healthz: 404/405),
+        NOT_READY (503 or another status), UNREACHABLE (no connection or no answer in time).
+        """
+        url = f"{self.base_url}/healthz"
+        try:
+            resp = self._client.get(url, timeout=timeout) if timeout else self._client.get(url)
+        except httpx.TimeoutException:
+            return UNREACHABLE, f"no answer from {url} within {timeout}s"
+        except httpx.HTTPError as exc:
+            return UNREACHABLE, f"cannot reach {url}: {type(exc).__name__}"
+        if resp.status_code == 200:
+            return READY, "ready"
+        if resp.status_code in (404, 405):
+            return NO_HEALTH_ENDPOINT, f"{url} answered {resp.status_code}: the box has no health endpoint"
+        return NOT_READY, f"{url} answered {resp.status_code}"
 
     @property
     def max_images(self) -> int:
-        return self._describe()["max_images"]
+        """Files per /predict request: the constructor's, else the box's /healthz `max_images`, else 1."""
+        with self._lock:
+            if self._max_images is not None:
+                return self._max_images
+        found = UNKNOWN_MAX_IMAGES
+        try:
+            resp = self._client.get(f"{self.base_url}/healthz")
+            body = resp.json() if resp.status_code == 200 else None
+            if isinstance(body, dict) and isinstance(body.get("max_images"), int) and body["max_images"] >= 1:
+                found = body["max_images"]
+        except (httpx.HTTPError, ValueError):
+            pass
+        with self._lock:
+            self._max_images = found
+        return found
 
     @property
     def queries(self) -> int:
@@ -117,28 +132,31 @@ class RemoteClassifier:
 
     @property
     def last_query_count(self) -> int | None:
-        """The box's running total for `client_id` after the latest answer (X-Query-Count)."""
+        """The box's running total for `client_id` after the latest answer (X-Query-Count), if it sends one."""
         return self._last_query_count
 
     # ------------------------------------------------------------ classification
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) float in [0, 1], C = 1 or 3 -> (N, K) float32 probabilities on the CPU.
+        """x: (N, C, H, W) float in [0, 1], C = 1 or 3, any H and W -> (N, K) float32 probabilities.
 
-        One-hot rows when the box is label-only. Counts N queries; x is not modified.
+        One-hot rows when the box answers labels only. Counts N queries; x is not modified.
         """
         if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
             raise InvalidInput(f"expected a non-empty image batch (N, 1|3, H, W), got shape {tuple(x.shape)}")
-        info = self._describe()
-        chunk = info["max_images"]
-        rows = [self._predict_chunk(x[i:i + chunk], info["classes"]) for i in range(0, x.shape[0], chunk)]
-        return torch.cat(rows)
+        return self.predict_files([encode_png(image) for image in x])
 
-    def _predict_chunk(self, x: torch.Tensor, classes: tuple[str, ...]) -> torch.Tensor:
-        files = [("image", (f"{i}.png", encode_png(img), "image/png")) for i, img in enumerate(x)]
-        resp = self._request("POST", "/predict", files=files, headers={"X-Client-Id": self.client_id})
-        body = self._json(resp)
-        probs = self._parse_predictions(body, len(files), classes)
+    def predict_files(self, files: Sequence[bytes]) -> torch.Tensor:
+        """Encoded images, sent as they are -> (N, K) float32 probabilities. Counts N queries."""
+        if not files:
+            raise InvalidInput("no images to classify")
+        chunk = self.max_images
+        return torch.cat([self._predict_chunk(files[i:i + chunk]) for i in range(0, len(files), chunk)])
+
+    def _predict_chunk(self, files: Sequence[bytes]) -> torch.Tensor:
+        parts = [("image", (f"{i}{_extension(data)}", data, _media_type(data))) for i, data in enumerate(files)]
+        resp = self._request("POST", "/predict", files=parts, headers={"X-Client-Id": self.client_id})
+        probs = self._parse(resp, len(files))
         with self._lock:
             self._queries += len(files)
             header = resp.headers.get("X-Query-Count")
@@ -146,32 +164,33 @@ class RemoteClassifier:
                 self._last_query_count = int(header)
         return probs
 
-    def _parse_predictions(self, body, n: int, classes: tuple[str, ...]) -> torch.Tensor:
+    def _parse(self, resp: httpx.Response, n: int) -> torch.Tensor:
         def bad(why: str) -> UpstreamBadResponse:
             return UpstreamBadResponse(f"{self.base_url}/predict answered {why}")
 
-        if not isinstance(body, dict) or not isinstance(body.get("predictions"), list):
-            raise bad(f"without a predictions list: {str(body)[:200]}")
-        predictions = body["predictions"]
-        if len(predictions) != n or body.get("queries") != n:
-            raise bad(f"{len(predictions)} predictions / queries={body.get('queries')!r} for {n} images")
-        out = torch.zeros((n, len(classes)), dtype=torch.float32)
-        for row, pred in enumerate(predictions):
-            if not isinstance(pred, dict):
-                raise bad(f"a prediction that is not an object: {pred!r}")
-            index, label = pred.get("index"), pred.get("label")
-            if not isinstance(index, int) or not 0 <= index < len(classes) or label != classes[index]:
-                raise bad(f"label {label!r} / index {index!r} that do not match the classes {classes}")
-            probabilities = pred.get("probabilities")
-            if probabilities is None:
-                out[row, index] = 1.0
+        try:
+            answer = PredictResponse.model_validate_json(resp.content)
+        except ValidationError as exc:
+            raise bad(f"something that is not a prediction answer ({exc.error_count()} problem(s)): "
+                      f"{resp.text[:200]!r}") from None
+        if len(answer.predictions) != n or (answer.queries is not None and answer.queries != n):
+            raise bad(f"{len(answer.predictions)} predictions / queries={answer.queries!r} for {n} images")
+        out = torch.zeros((n, len(self.classes)), dtype=torch.float32)
+        for row, prediction in enumerate(answer.predictions):
+            if prediction.label not in self.classes:
+                raise bad(f"the label {prediction.label!r}, which is not one of the classes {list(self.classes)}: "
+                          "the explainer and the box disagree on what the classes are")
+            if prediction.probabilities is None:
+                out[row, self.classes.index(prediction.label)] = 1.0
                 continue
-            if not isinstance(probabilities, dict) or set(probabilities) != set(classes):
-                raise bad(f"probabilities for {sorted(probabilities) if isinstance(probabilities, dict) else probabilities!r}, expected {classes}")
-            values = [probabilities[c] for c in classes]
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1 for v in values) \
-                    or abs(sum(values) - 1) > 1e-3:
+            probabilities = prediction.probabilities
+            if set(probabilities) != set(self.classes):
+                raise bad(f"probabilities for {sorted(probabilities)}, expected {list(self.classes)}")
+            values = [probabilities[c] for c in self.classes]
+            if not all(math.isfinite(v) and 0 <= v <= 1 for v in values) or abs(sum(values) - 1) > 1e-3:
                 raise bad(f"probabilities that are not a distribution: {values}")
+            if max(values) > values[self.classes.index(prediction.label)] + 1e-6:
+                raise bad(f"the label {prediction.label!r} that is not its most probable class")
             out[row] = torch.tensor(values, dtype=torch.float32)
         return out
 
@@ -193,13 +212,6 @@ class RemoteClassifier:
             raise UpstreamBadResponse(f"{url} answered {resp.status_code}: {resp.text[:200]}")
         return resp
 
-    def _json(self, resp: httpx.Response):
-        try:
-            return resp.json()
-        except ValueError as exc:
-            raise UpstreamBadResponse(f"{resp.request.url} answered {resp.status_code} with a body that is not JSON: "
-                                      f"{resp.text[:100]!r}") from exc
-
     def close(self) -> None:
         """Close the HTTP client if this object built it (an injected client belongs to its owner)."""
         if self._owns_client:
@@ -211,3 +223,19 @@ class RemoteClassifier:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png", ".png"), (b"\xff\xd8\xff", "image/jpeg", ".jpg"),
+               (b"GIF8", "image/gif", ".gif"), (b"BM", "image/bmp", ".bmp"))
+
+
+def _media_type(data: bytes) -> str:
+    """The part's Content-Type from the bytes' signature (a box may check it); WebP by its RIFF header."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((media for magic, media, _ in _SIGNATURES if data.startswith(magic)), "application/octet-stream")
+
+
+def _extension(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((ext for magic, _, ext in _SIGNATURES if data.startswith(magic)), "")

@@ -7,11 +7,11 @@ uses a black-red-yellow-white ramp, scaled so that the map's largest value is wh
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from advexplain.shared.pixels import encode_png, to_uint8
 
 # (position, RGB) anchors of the heat ramp; 0 is black so that Algorithm 2's zeros vanish.
 _RAMP = np.array([(0.0, 0, 0, 0), (0.35, 180, 20, 20), (0.7, 255, 170, 0), (1.0, 255, 255, 230)], dtype=np.float64)
@@ -26,18 +26,9 @@ def _lut() -> np.ndarray:
 LUT = _lut()
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [0,1] -> (H, W, 3) uint8, rounding exactly as `advexplain.shared.explain.quantise`."""
-    arr = image.detach().cpu().float().clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    if arr.shape[0] == 1:
-        arr = np.repeat(arr, 3, axis=0)
-    return np.ascontiguousarray(arr[:3].transpose(1, 2, 0))
-
-
 def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+    """(H, W, 3) uint8 -> PNG bytes (lossless)."""
+    return encode_png(array, compress_level=6)
 
 
 def heat(saliency: torch.Tensor | None, shape: tuple[int, int], vmax: float | None = None) -> np.ndarray:
@@ -67,10 +58,14 @@ def _label(explanation, index: int) -> str:
 
 
 def panel(explanation, original: np.ndarray, adversarial: np.ndarray, heat_map: np.ndarray, tile: int = PANEL_TILE) -> np.ndarray:
-    """Original | adversarial | saliency, each `tile` pixels wide (nearest-neighbour, so the pixels
-    stay visible), with the predictions and the true label written above them."""
+    """Original | adversarial | saliency, each scaled (nearest-neighbour, so the pixels stay visible)
+    to fit a `tile` x `tile` square with its aspect ratio kept, with the predictions and the true
+    label written above them."""
     font = ImageFont.load_default()
     top = 34
+    h, w = original.shape[:2]
+    scale = tile / max(h, w)
+    tile_w, tile_h = max(1, round(w * scale)), max(1, round(h * scale))
     canvas = Image.new("RGB", (3 * tile + 4 * 6, tile + top + 6), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     e = explanation
@@ -80,11 +75,13 @@ def panel(explanation, original: np.ndarray, adversarial: np.ndarray, heat_map: 
     elif e.already_correct:
         note, adv_caption = f"already correct (queries {e.queries})", "unchanged"
     else:
-        note, adv_caption = f"no explanation found (queries {e.queries})", "search failed"
+        reason = f", {e.failure_reason}" if getattr(e, "failure_reason", None) else ""
+        note, adv_caption = f"no explanation found (queries {e.queries}{reason})", "search failed"
     captions = (f"original: predicted {_label(e, e.original_prediction)}", adv_caption, f"saliency (true: {_label(e, e.label)})")
     for i, (array, caption) in enumerate(zip((original, adversarial, heat_map), captions)):
         x = 6 + i * (tile + 6)
-        canvas.paste(Image.fromarray(array).resize((tile, tile), Image.Resampling.NEAREST), (x, top))
+        canvas.paste(Image.fromarray(array).resize((tile_w, tile_h), Image.Resampling.NEAREST),
+                     (x + (tile - tile_w) // 2, top + (tile - tile_h) // 2))
         draw.text((x, 4), caption, fill=(0, 0, 0), font=font)
     draw.text((6, 18), note, fill=(90, 90, 90), font=font)
     return np.asarray(canvas)
@@ -93,7 +90,8 @@ def panel(explanation, original: np.ndarray, adversarial: np.ndarray, heat_map: 
 def render_explanation(explanation, saliency: torch.Tensor | None, *, vmax: float | None = None,
                        tile: int = PANEL_TILE) -> dict[str, bytes]:
     """PNG bytes of one explanation: 'saliency' (heat map), 'overlay' (heat map over the original),
-    'adversarial' (the 8-bit adversarial image at its own size, lossless) and 'panel' (Figure 2).
+    'adversarial' (the 8-bit adversarial image at the photo's own size, lossless) and 'panel' (Figure 2);
+    all but the panel at the photo's size.
 
     explanation: an `Explanation` (its `original`, `adversarial`, labels and classes are used).
     saliency: (H, W) map from Algorithm 2, or None when the search failed.

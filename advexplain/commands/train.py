@@ -76,7 +76,7 @@ def run(args) -> int:
     if args.distill_from:
         if args.kind != "surrogate":
             raise InvalidInput("--distill-from trains a surrogate: use it with `train surrogate`")
-        oracle, source = distillation_oracle(args.distill_from, args.distill_label_only)
+        oracle, source = distillation_oracle(args.distill_from, args.distill_label_only, train_set.classes)
         labelled = distill_labels(oracle, train_set, budget=args.distill_budget, seed=args.seed)
         train_set, targets, agreement_set = labelled.train, labelled.targets, labelled.held_back
         distillation = {"source": source, "queries": labelled.queries, "budget": args.distill_budget,
@@ -120,12 +120,13 @@ def run(args) -> int:
     return 0
 
 
-def distillation_oracle(source: str, label_only: bool):
-    """The black box to distil from: a running service (URL) or a checkpoint folder (for benchmarks)."""
+def distillation_oracle(source: str, label_only: bool, classes: tuple[str, ...]):
+    """The black box to distil from: a running service (URL; only its /predict is used, and its labels
+    must be among the local data's `classes`) or a checkpoint folder (for benchmarks)."""
     if source.startswith(("http://", "https://")):
         from advexplain.shared.remote import RemoteClassifier
 
-        return RemoteClassifier(source, client_id="advexplain-distill"), source
+        return RemoteClassifier(source, classes, client_id="advexplain-distill"), source
     from advexplain.shared.classifiers import LocalClassifier
 
     path = Path(source)

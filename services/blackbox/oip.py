@@ -81,7 +81,11 @@ class BlackboxModel(kserve.Model):
             device = self.settings.torch_device
             classifier = LocalClassifier.from_checkpoint(self.settings.model, device=str(device))
             self.blackbox = BlackBox(classifier, self.settings, self.metrics)
-            # KServe serves the default registry at /metrics; ours joins it (one model per process).
+            # KServe serves the default registry at /metrics; our query counters join it (one model per
+            # process). KServe times requests itself, and our latency and error metrics are fed by
+            # middleware that does not run here, so they leave rather than stay empty.
+            self.metrics.registry.unregister(self.metrics.latency)
+            self.metrics.registry.unregister(self.metrics.errors)
             prometheus_client.REGISTRY.register(self.metrics.registry)
             log.info("black box ready over OIP as %r: %s on %s, classes %s, output=%s", self.name, self.settings.model,
                      device, ", ".join(classifier.classes), self.settings.output)

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, File, Header, Request, Response, UploadF
 from fastapi.responses import JSONResponse
 
 from advexplain.services.blackbox.counter import parse_client_id
-from advexplain.services.blackbox.schemas import Health, PredictResponse
+from advexplain.services.blackbox.schemas import Health
+from advexplain.shared.wire import PredictResponse
 from advexplain.services.blackbox.service import BlackBox
 from advexplain.services.common.errors import ServiceNotReady, error_responses
 from advexplain.services.common.images import read_upload

@@ -7,9 +7,9 @@ import torch
 from prometheus_client import Counter
 
 from advexplain.services.blackbox.counter import QueryCounter
-from advexplain.services.blackbox.schemas import Prediction, PredictResponse
+from advexplain.shared.wire import Prediction, PredictResponse
 from advexplain.services.blackbox.settings import BlackboxSettings
-from advexplain.services.common.images import decode_image
+from advexplain.shared.images import decode_image
 from advexplain.services.common.metrics import BoundedLabels, ServiceMetrics
 from advexplain.shared.classifiers import LocalClassifier
 

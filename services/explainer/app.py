@@ -19,6 +19,7 @@ from advexplain.services.explainer.routes import router, whitebox_router
 from advexplain.services.explainer.service import Explainer, build_http_client, load_surrogate
 from advexplain.services.explainer.settings import ExplainerSettings
 from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.errors import CheckpointError
 from advexplain.shared.remote import RemoteClassifier
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,16 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
             whitebox = await anyio.to_thread.run_sync(
                 lambda: LocalClassifier.from_checkpoint(settings.whitebox_model, device=str(settings.torch_device)))
         http = blackbox_client if blackbox_client is not None else build_http_client(settings)
-        blackbox = RemoteClassifier(settings.blackbox_url, client=http, client_id=settings.client_id)
-        app.state.explainer = Explainer(settings, metrics, surrogate, blackbox, http, whitebox)
-        log.info("explainer ready: %d surrogate(s) %s, black box %s as %r, white-box route %s, %d at once",
-                 len(settings.surrogate), ", ".join(map(str, settings.surrogate)), settings.blackbox_url,
+        classes = tuple(settings.classes or surrogate.classes)
+        if len(classes) != len(surrogate.classes):
+            raise CheckpointError(f"the classes setting names {len(classes)} classes, the surrogate has "
+                                  f"{len(surrogate.classes)}")
+        if whitebox is not None and len(whitebox.classes) != len(classes):
+            raise CheckpointError(f"the white-box model has {len(whitebox.classes)} classes, the surrogate {len(classes)}")
+        blackbox = RemoteClassifier(settings.blackbox_url, classes, client=http, client_id=settings.client_id)
+        app.state.explainer = Explainer(settings, metrics, surrogate, blackbox, whitebox)
+        log.info("explainer ready: %d surrogate(s) %s, classes %s, black box %s as %r, white-box route %s, %d at once",
+                 len(settings.surrogate), ", ".join(map(str, settings.surrogate)), list(classes), settings.blackbox_url,
                  settings.client_id, "on" if whitebox is not None else "off", settings.max_concurrency)
         try:
             yield

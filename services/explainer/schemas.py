@@ -11,12 +11,12 @@ from advexplain.services.explainer.service import ExplainResult
 
 
 class Images(BaseModel):
-    """Base64-encoded PNGs (standard alphabet, padded)."""
+    """Base64-encoded PNGs (standard alphabet, padded), all at the photo's size but the panel."""
 
     saliency: str = Field(description="Algorithm 2's saliency map as a heat map (black when the search failed)")
-    overlay: str = Field(description="the heat map over the uploaded image")
-    adversarial: str = Field(description="the inverted adversarial example, 8-bit, at the model's input size; "
-                                         "posted to the black box it is classified as the true label")
+    overlay: str = Field(description="the heat map over the uploaded photo")
+    adversarial: str = Field(description="the inverted adversarial example: the photo plus the change, 8-bit, at "
+                                         "the photo's size; posted to the black box it is classified as `target`")
     panel: str = Field(description="original | adversarial | saliency with the predictions (the paper's Figure 2)")
 
 
@@ -31,22 +31,36 @@ class TraceStep(BaseModel):
 
 
 class ExplainResponse(BaseModel):
-    success: bool = Field(description="an image classified as the true label was found (or it already was)")
-    already_correct: bool = Field(description="the model already predicts the true label; one query spent")
+    success: bool = Field(description="the oracle classifies a change of at most max_linf as the target (or "
+                                      "already did)")
+    already_correct: bool = Field(description="the model already predicts the target; one query spent")
     queries: int = Field(ge=0, description="images sent to the black box for this explanation, the first prediction "
                                            "included (equals its X-Query-Count delta)")
     search_queries: int = Field(ge=0, description="queries - 1, the number the paper reports")
     label: str = Field(description="the true label")
-    original_prediction: str = Field(description="what the model predicted for the upload")
+    target: str = Field(description="the class the change makes the model predict (the label unless asked)")
+    original_prediction: str = Field(description="what the model predicted for the upload as sent")
     final_prediction: str = Field(description="what it predicted for the last image the search sent")
     classes: list[str] = Field(description="class names in index order")
     method: str
+    failure_reason: str | None = Field(description="why the search failed: max_queries (budget spent), max_linf "
+                                                   "(no change within max_linf), alpha (paper: eps reached alpha), "
+                                                   "no_gradient; null on success")
     epsilon: float | None = Field(description="step size of the accepted candidate (method paper); null otherwise")
-    l2: float | None = Field(description="L2 norm of the perturbation in [0,1] pixel units; null on failure")
-    linf: float | None = Field(description="L-inf norm of the perturbation; null on failure")
+    l2: float | None = Field(description="L2 norm of the change in [0,1] pixel units; null on failure")
+    linf: float | None = Field(description="largest per-pixel change in [0,1] pixel units; null on failure")
+    rms: float | None = Field(description="root mean square of the change in [0,1] pixel units; null on failure")
+    width: int = Field(description="width of the explained photo (and of every image but the panel)")
+    height: int = Field(description="its height")
+    original_width: int = Field(description="width of the upload as sent")
+    original_height: int = Field(description="height of the upload as sent")
+    downscaled: bool = Field(description="the upload was larger than the service's max_side and was downscaled "
+                                         "once, before anything else; the explanation is of the downscaled photo")
     budget_exhausted: bool = Field(description="the search stopped because max_queries was spent")
     max_queries: int
-    alpha: float
+    max_linf: float
+    refine: int
+    alpha: float | None = Field(description="the paper's bound on eps (method paper); null otherwise")
     tau: float
     beta: float
     seconds: float = Field(description="time the search took, in-process")
@@ -54,22 +68,27 @@ class ExplainResponse(BaseModel):
     images: Images
 
 
-def response_from(result: ExplainResult) -> ExplainResponse:
-    e, p = result.explanation, result.params
+def response_from(result: ExplainResult, with_images: bool = True) -> ExplainResponse:
+    e, p, options = result.explanation, result.params, result.params.options
     name, summary = e.classes.__getitem__, e.to_dict()
+    (width, height), (original_width, original_height) = result.photo.size, result.photo.original_size
+    images = {k: base64.b64encode(v).decode("ascii") if with_images else "" for k, v in result.pngs.items()}
     return ExplainResponse(
         success=e.success, already_correct=e.already_correct, queries=e.queries, search_queries=e.search_queries,
-        label=name(e.label), original_prediction=name(e.original_prediction), final_prediction=name(e.final_prediction),
-        classes=list(e.classes), method=e.method, epsilon=summary["epsilon"], l2=summary["l2"],
-        linf=summary["linf"], budget_exhausted=e.budget_exhausted, max_queries=p.max_queries, alpha=p.alpha,
-        tau=p.tau, beta=p.beta, seconds=e.seconds, trace=summary["trace"],
-        images=Images(**{k: base64.b64encode(v).decode("ascii") for k, v in result.pngs.items()}),
+        label=name(e.label), target=name(e.target), original_prediction=name(e.original_prediction),
+        final_prediction=name(e.final_prediction), classes=list(e.classes), method=e.method,
+        failure_reason=e.failure_reason, epsilon=summary["epsilon"], l2=summary["l2"], linf=summary["linf"],
+        rms=summary["rms"], width=width, height=height, original_width=original_width,
+        original_height=original_height, downscaled=result.photo.downscaled, budget_exhausted=e.budget_exhausted,
+        max_queries=options.max_queries, max_linf=options.max_linf, refine=options.refine,
+        alpha=getattr(options, "alpha", None), tau=p.tau, beta=p.beta, seconds=e.seconds, trace=summary["trace"],
+        images=Images(**images),
     )
 
 
 def explanation_headers(result: ExplainResult) -> dict[str, str]:
     """The numbers of the JSON answer as X-Explanation-* headers (for Accept: image/png); nulls are left out."""
-    body = response_from(result).model_dump(exclude={"images", "trace", "classes"})
+    body = response_from(result, with_images=False).model_dump(exclude={"images", "trace", "classes"})
     out = {}
     for key, value in body.items():
         if value is None:
@@ -87,4 +106,3 @@ class Health(BaseModel):
     blackbox: Literal["ok", "unreachable"] | None = None
     blackbox_detail: str | None = None
     classes: list[str] | None = None
-    image_size: int | None = None

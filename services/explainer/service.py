@@ -1,4 +1,4 @@
-"""The explainer as an object: decode the upload, run the engine off the event loop, render the PNGs, count."""
+"""The explainer as an object: decode the upload at its own size, run the engine off the event loop, render, count."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import httpx
 import torch
 from prometheus_client import Counter, Histogram
 
-from advexplain.services.common.images import decode_image
 from advexplain.services.common.metrics import ServiceMetrics
 from advexplain.services.explainer.settings import ExplainerSettings
 from advexplain.shared.classifiers import LocalClassifier
-from advexplain.shared.errors import InvalidInput, UpstreamBadResponse
-from advexplain.shared.explain import EnsembleSurrogate, Explanation, explain
-from advexplain.shared.remote import RemoteClassifier
+from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain import EnsembleSurrogate, Explanation, SearchOptions, explain
+from advexplain.shared.images import Photo, decode_photo
+from advexplain.shared.protocols import GradientSource
+from advexplain.shared.remote import NO_HEALTH_ENDPOINT, READY, RemoteClassifier
 from advexplain.shared.render import render_explanation
 from advexplain.shared.saliency import saliency_map
 
@@ -26,12 +27,12 @@ BLACKBOX, WHITEBOX = "blackbox", "whitebox"
 
 @dataclass(frozen=True)
 class ExplainParams:
-    """One request's parameters, already range-checked by the route (label is still the raw text)."""
+    """One request's parameters: the method's options already validated; label and target still raw text."""
 
     label: str
+    target: str | None
     method: str
-    max_queries: int
-    alpha: float
+    options: SearchOptions
     tau: float
     beta: float
 
@@ -41,43 +42,47 @@ class ExplainResult:
     explanation: Explanation
     pngs: dict[str, bytes]
     params: ExplainParams
+    photo: Photo
 
 
-class CountingOracle:
-    """The oracle of one request: counts the images it answered, so a search that fails half-way
-    still shows up in the queries metric. Created per request; the shared RemoteClassifier's own
-    counter mixes concurrent requests."""
+class RequestOracle:
+    """The black box as one request sees it.
 
-    def __init__(self, oracle):
-        self.oracle = oracle
-        self.classes = tuple(oracle.classes)
+    The photo's first prediction sends the upload as it was sent (the box judges the user's own
+    file, not a re-encoding of it); every other image goes as an 8-bit PNG at the photo's size.
+    Counts the images the box answered, so a search that fails half-way still shows up in the
+    queries metric (the shared RemoteClassifier's own counter mixes concurrent requests).
+    """
+
+    def __init__(self, remote: RemoteClassifier, photo: torch.Tensor, upload: bytes | None):
+        self.remote = remote
+        self.classes = remote.classes
         self.images = 0
+        self._photo = photo
+        self._upload = upload
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.oracle.predict_proba(x)
+        if self._upload is not None and x.shape[0] == 1 and torch.equal(x[0], self._photo):
+            upload, self._upload = self._upload, None
+            probs = self.remote.predict_files([upload])
+        else:
+            probs = self.remote.predict_proba(x)
         self.images += int(x.shape[0])
         return probs
 
 
-def parse_label(text: str, classes: tuple[str, ...]) -> int:
+def parse_class(text: str, classes: tuple[str, ...], what: str = "label") -> int:
     """A class name, or an index into `classes`; names win when a class is named like a number."""
     if text in classes:
         return classes.index(text)
     stripped = text.strip()
     if stripped.isdigit() and int(stripped) < len(classes):
         return int(stripped)
-    raise InvalidInput(f"unknown label {text!r}: use one of {', '.join(classes)} or an index 0-{len(classes) - 1}")
+    raise InvalidInput(f"unknown {what} {text!r}: use one of {', '.join(classes)} or an index 0-{len(classes) - 1}")
 
 
-def source_size(source) -> int:
-    """The input size uploads are resized to: the model's, or an ensemble's first member's (each
-    member resizes again to its own size when they differ)."""
-    members = getattr(source, "members", None)
-    return (members[0] if members else source).image_size
-
-
-def load_surrogate(settings: ExplainerSettings):
-    """One surrogate as itself, several as an EnsembleSurrogate (their gradients summed)."""
+def load_surrogate(settings: ExplainerSettings) -> GradientSource:
+    """One surrogate as itself, several as an EnsembleSurrogate (their margins and gradients summed)."""
     device = str(settings.torch_device)
     members = [LocalClassifier.from_checkpoint(path, device=device) for path in settings.surrogate]
     return members[0] if len(members) == 1 else EnsembleSurrogate(members)
@@ -94,19 +99,21 @@ def build_http_client(settings: ExplainerSettings) -> httpx.Client:
 
 
 class Explainer:
-    """The loaded surrogate(s), the remote black box and (optionally) the white box; on `app.state.explainer`."""
+    """The loaded surrogate(s), the remote black box and (optionally) the white box; on `app.state.explainer`.
 
-    def __init__(self, settings: ExplainerSettings, metrics: ServiceMetrics, surrogate, blackbox: RemoteClassifier,
-                 http: httpx.Client, whitebox: LocalClassifier | None = None):
+    `classes` are the surrogate's (or the `classes` setting's): the names the black box's answers
+    are checked against.
+    """
+
+    def __init__(self, settings: ExplainerSettings, metrics: ServiceMetrics, surrogate: GradientSource,
+                 blackbox: RemoteClassifier, whitebox: LocalClassifier | None = None):
         self.settings = settings
         self.surrogate = surrogate
         self.blackbox = blackbox
         self.whitebox = whitebox
-        self._http = http
+        self.classes = tuple(blackbox.classes)
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
-        self.surrogates = len(getattr(surrogate, "members", [surrogate]))
-        self.image_size = source_size(surrogate)
-        self.classes = tuple(surrogate.classes)
+        self.surrogates = len(settings.surrogate)
         ns, reg = metrics.namespace, metrics.registry
         self._explanations = Counter("explanations", "Explanations by route and outcome "
                                      "(success, already_correct, failed, error)", ["route", "outcome"],
@@ -123,44 +130,37 @@ class Explainer:
 
     def _explain(self, data: bytes, params: ExplainParams, route: str) -> ExplainResult:
         started = time.perf_counter()
-        # White-box: the real model is both gradient source and oracle, passed as the same object so
-        # that the engine sees it is exact (the margin search then needs no transfer margin).
-        source = self.whitebox if route == WHITEBOX else self.surrogate
-        counting: CountingOracle | None = None
+        white = route == WHITEBOX
+        source: GradientSource = self.whitebox if white else self.surrogate  # type: ignore[assignment]
+        oracle = None
         result: Explanation | None = None
         outcome = "error"
         try:
-            label = parse_label(params.label, tuple(source.classes))
-            image = decode_image(data, source_size(source), self.settings.max_pixels, name="image")
-            if route == WHITEBOX:
+            label = parse_class(params.label, self.classes)
+            target = None if params.target is None else parse_class(params.target, self.classes, "target")
+            photo = decode_photo(data, self.settings.max_pixels, self.settings.max_side)
+            if white:
                 oracle = self.whitebox
             else:
-                oracle = counting = CountingOracle(self.blackbox)  # the classes: GET /healthz, once per process
-                if counting.classes != self.classes:
-                    raise UpstreamBadResponse(f"the black box's classes {counting.classes} are not the surrogate's "
-                                              f"{self.classes}: the explainer is configured with the wrong models")
-            result = explain(image, label, source, oracle, params.method,
-                             max_queries=params.max_queries, alpha=params.alpha)
+                oracle = RequestOracle(self.blackbox, photo.image, None if photo.downscaled else data)
+            result = explain(photo.image, label, source, oracle, params.method, target=target, whitebox=white,
+                             options=params.options)
             saliency = None if result.perturbation is None else saliency_map(result.perturbation, params.tau, params.beta)
             pngs = render_explanation(result, saliency)
             outcome = "already_correct" if result.already_correct else "success" if result.success else "failed"
-            return ExplainResult(result, pngs, params)
+            return ExplainResult(result, pngs, params, photo)
         finally:
             # A search that failed half-way still spent the images the black box answered.
-            spent = counting.images if counting is not None else result.queries if result is not None else 0
+            spent = oracle.images if isinstance(oracle, RequestOracle) else result.queries if result is not None else 0
             self._queries.labels(route=route).inc(spent)
             self._explanations.labels(route=route, outcome=outcome).inc()
             self._seconds.labels(route=route, outcome=outcome).observe(time.perf_counter() - started)
 
     def blackbox_health(self) -> tuple[bool, str]:
-        """(answers, why): GET the black box's /healthz within `health_timeout`. Blocking; counts no query."""
-        url = f"{self.settings.blackbox_url}/healthz"
-        try:
-            resp = self._http.get(url, timeout=self.settings.health_timeout)
-        except httpx.TimeoutException:
-            return False, f"no answer from {url} within {self.settings.health_timeout}s"
-        except httpx.HTTPError as exc:
-            return False, f"cannot reach {url}: {type(exc).__name__}"
-        if resp.status_code != 200:
-            return False, f"{url} answered {resp.status_code}"
-        return True, "ready"
+        """(ready, why) from the black box's optional /healthz within `health_timeout`; counts no query.
+
+        A box without a health endpoint (it answers 404 or 405) counts as ready: `/predict` is all a
+        black box has to offer.
+        """
+        state, detail = self.blackbox.health(timeout=self.settings.health_timeout)
+        return state in (READY, NO_HEALTH_ENDPOINT), detail

@@ -48,6 +48,10 @@ class ExplainerSettings(ServiceSettings):
     max_upload_bytes: int = Field(10_000_000, ge=1024, description="whole request body, bytes")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of the upload, checked before decoding")
     max_queries: int = Field(200, ge=1, le=MAX_QUERIES_LIMIT, description="upper limit of a request's max_queries")
+    max_side: int | None = Field(1024, ge=16, le=65536, description="uploads with a longer side are downscaled "
+                                 "to it once, up front (aspect ratio kept), and the answer says so; 0 or empty = never")
+    classes: Annotated[list[str], NoDecode] | None = Field(
+        None, description="class names in index order, as the black box labels them (default: the surrogate's)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: leave the process's)")
 
     @field_validator("surrogate", mode="before")
@@ -72,6 +76,33 @@ class ExplainerSettings(ServiceSettings):
         problems = [p for p in map(checkpoint_problem, value) if p]
         if problems:
             raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("max_side", mode="before")
+    @classmethod
+    def _no_side_limit(cls, value):
+        return None if value in (0, "0", "", "none", "None") else value
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_classes(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list of class names: {exc}") from exc
+            return [part.strip() for part in text.split(",")]
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) < 2 or len(set(value)) != len(value) or not all(value)):
+            raise ValueError("classes must be at least two distinct, non-empty names")
         return value
 
     @field_validator("whitebox_model", mode="before")

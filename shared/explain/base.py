@@ -1,9 +1,10 @@
-"""The small base every explanation method shares: validation, query counting, the result type.
+"""The small base every explanation method shares: options, the budgeted oracle, the result type.
 
-A method subclasses `Method` and overrides one hook, `search`, which receives a `Search` (the
-original image, its true label, the gradient source and a budgeted oracle) and returns the
-adversarial image it found, or None. Everything else (the first prediction, the already-correct
-short cut, the query budget, distances, timing, the trace) is done here once for every method.
+A method subclasses `Method`, names its frozen options model, and overrides one hook, `search`,
+which receives a `Search` (the original image, the goal class, the gradient source and a budgeted
+oracle) and asks the oracle about candidates through `Search.query`. Everything else is done here
+once for every method: the first prediction, the already-there short cut, the query budget, the
+8-bit rounding of every queried image, the `max_linf` bound, distances, timing and the trace.
 """
 
 from __future__ import annotations
@@ -11,39 +12,66 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
-from advexplain.shared.errors import InvalidInput
-from advexplain.shared.protocols import Classifier, DifferentiableClassifier
+from advexplain.shared.pixels import LEVELS, quantise
+from advexplain.shared.protocols import Classifier, GradientSource
 
 # One explanation never needs more oracle images than this; a larger request is a client error.
 MAX_QUERIES_LIMIT = 10_000
-# The paper's epsilon schedule needs alpha / 0.1 queries; refuse schedules longer than the limit.
-MAX_ALPHA = 100.0
+# 20 oracle images: the first prediction plus the paper's whole schedule at the default alpha
+# (19 eps values), and ten times what the default method needs on average.
+DEFAULT_MAX_QUERIES = 20
+# The largest per-pixel change (L-inf, [0, 1] units) an explanation may make: 32/255. A change the
+# oracle accepts but that is larger is a failure ("max_linf"), never a success: an explanation
+# that repaints the image explains nothing. On every benchmark the default method's 90th
+# percentile stays below it (bench/README.md).
+DEFAULT_MAX_LINF = 32 / 255
+
+# Why a search failed (Explanation.failure_reason).
+FAILED_MAX_QUERIES = "max_queries"    # the query budget was spent
+FAILED_MAX_LINF = "max_linf"          # nothing within max_linf made the oracle agree
+FAILED_ALPHA = "alpha"                # the paper's eps reached alpha
+FAILED_NO_GRADIENT = "no_gradient"    # the gradient source gives no direction
 
 
-class BudgetSpent(Exception):
-    """Raised inside a search when the next oracle query would exceed `max_queries`."""
+class SearchOptions(BaseModel):
+    """Options every method takes, validated once here. Frozen: a search cannot change them.
+
+    max_queries: most images sent to the oracle, the first prediction included.
+    max_linf: the largest per-pixel change of a success, in [0, 1] pixel units.
+    refine: extra queries a method may spend shrinking a change the oracle already accepted.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_queries: int = Field(DEFAULT_MAX_QUERIES, ge=1, le=MAX_QUERIES_LIMIT)
+    max_linf: float = Field(DEFAULT_MAX_LINF, gt=0, le=1, allow_inf_nan=False)
+    refine: int = Field(0, ge=0, le=MAX_QUERIES_LIMIT)
 
 
 @dataclass
 class Explanation:
     """The outcome of one inverted adversarial search.
 
-    adversarial: (C, H, W) float in [0, 1], the image the oracle classified as `label` (the
-    original when the search failed). perturbation: adversarial - original, or None on failure
-    (the paper's NIL). queries counts every image sent to the oracle, the first prediction
-    included; search_queries = queries - 1 is what the paper reports. l2 / linf are norms of the
-    perturbation in [0, 1] pixel units (0.0 when already correct, None on failure).
+    original: (C, H, W) float in [0, 1], the image explained (the user's photo at its own size).
+    adversarial: the 8-bit image the oracle classified as `target` (the original on failure);
+    perturbation: adversarial - original, or None on failure (the paper's NIL). queries counts every
+    image sent to the oracle, the first prediction included; search_queries = queries - 1 is what
+    the paper reports. l2, linf and rms are norms of the perturbation in [0, 1] pixel units (0.0
+    when already there, None on failure). `label` is the true class, `target` the class the change
+    makes the oracle predict (the label unless asked otherwise).
     """
 
     success: bool
     already_correct: bool
     label: int
+    target: int
     original_prediction: int
     final_prediction: int
     original: torch.Tensor
@@ -53,15 +81,20 @@ class Explanation:
     queries: int
     l2: float | None
     linf: float | None
+    rms: float | None
     method: str
     classes: tuple[str, ...] = ()
     trace: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    budget_exhausted: bool = False
+    failure_reason: str | None = None
 
     @property
     def search_queries(self) -> int:
         return max(self.queries - 1, 0)
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.failure_reason == FAILED_MAX_QUERIES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (no tensors): numbers, labels, class names and the trace."""
@@ -74,6 +107,8 @@ class Explanation:
             "already_correct": self.already_correct,
             "label": self.label,
             "label_name": name(self.label),
+            "target": self.target,
+            "target_name": name(self.target),
             "original_prediction": self.original_prediction,
             "original_prediction_name": name(self.original_prediction),
             "final_prediction": self.final_prediction,
@@ -83,9 +118,12 @@ class Explanation:
             "search_queries": self.search_queries,
             "l2": _finite(self.l2),
             "linf": _finite(self.linf),
+            "rms": _finite(self.rms),
             "method": self.method,
             "seconds": _finite(self.seconds),
+            "failure_reason": self.failure_reason,
             "budget_exhausted": self.budget_exhausted,
+            "size": [int(self.original.shape[-1]), int(self.original.shape[-2])],
             "trace": [{k: _jsonable(v) for k, v in step.items()} for step in self.trace],
         }
 
@@ -107,8 +145,22 @@ def _jsonable(value):
     return str(value)
 
 
+def linf_levels(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest per-pixel difference of two 8-bit-grid images, in whole 8-bit levels."""
+    return int(round(float((a - b).abs().max()) * LEVELS))
+
+
+def max_levels(max_linf: float) -> int:
+    """The most whole 8-bit levels a change may move a pixel by under `max_linf` ([0, 1] units)."""
+    return int(math.floor(max_linf * LEVELS + 1e-6))
+
+
+class BudgetSpent(Exception):
+    """Raised inside a search when the next oracle query would exceed `max_queries`."""
+
+
 class BudgetedOracle:
-    """The oracle as a search sees it: one image at a time, counted, never past the budget."""
+    """The oracle as a search sees it: one 8-bit image at a time, counted, never past the budget."""
 
     def __init__(self, oracle: Classifier, max_queries: int):
         self.oracle = oracle
@@ -120,7 +172,7 @@ class BudgetedOracle:
         return self.max_queries - self.queries
 
     def predict(self, image: torch.Tensor) -> int:
-        """image: (C, H, W) in [0, 1] -> predicted class index. Costs exactly one query."""
+        """image: (C, H, W) in [0, 1] on the 8-bit grid -> predicted class index. One query."""
         if self.queries >= self.max_queries:
             raise BudgetSpent
         self.queries += 1
@@ -129,14 +181,13 @@ class BudgetedOracle:
 
 
 @contextlib.contextmanager
-def no_side_effects(source):
+def no_side_effects(source: GradientSource) -> Iterator[None]:
     """Eval mode and frozen parameters for the duration of a search, restored afterwards.
 
     Gradients are taken with `torch.autograd.grad` with respect to the input only, so no `.grad`
     is ever written; freezing the parameters also skips their backward work.
     """
-    modules = [m for m in _modules_of(source) if isinstance(m, torch.nn.Module)]
-    saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in source.modules()]
     try:
         for m, _, params in saved:
             m.eval()
@@ -150,141 +201,109 @@ def no_side_effects(source):
                 p.requires_grad_(flag)
 
 
-def _modules_of(source) -> list:
-    members = getattr(source, "members", None)
-    if members is not None:
-        return [m for member in members for m in _modules_of(member)]
-    model = getattr(source, "model", None)
-    return [model] if model is not None else []
+def value_and_grad(objective, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective(x) as an (N,) tensor, d sum(objective) / dx), x never modified.
 
-
-def loss_gradient(source: DifferentiableClassifier, image: torch.Tensor, label: int) -> torch.Tensor:
-    """Gradient of the cross-entropy loss at `image` w.r.t. the image, (C, H, W) like the image.
-
-    This is the paper's `get_model_gradients(x, loss)`. An `EnsembleSurrogate` (anything with a
-    `loss_gradient` method) supplies its own, the sum of its members'.
+    The one copy of the input-gradient boilerplate: samples are independent (eval mode), so the
+    gradient of the sum holds each sample's own gradient.
     """
-    own = getattr(source, "loss_gradient", None)
-    if own is not None:
-        return own(image, label)
-    x = image.detach().clone().unsqueeze(0).requires_grad_(True)
+    x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = source.logits(x)
-        loss = F.cross_entropy(logits, torch.tensor([label], device=logits.device))
-        (grad,) = torch.autograd.grad(loss, x)
-    return grad[0].detach().to(image.device)
-
-
-def margin_and_gradient(source: DifferentiableClassifier, image: torch.Tensor, label: int) -> tuple[float, torch.Tensor]:
-    """The true class's logit margin over the best other class, and its gradient w.r.t. the image.
-
-    margin > 0 means the gradient source predicts `label`. An ensemble supplies the sum of its
-    members' margins and gradients.
-    """
-    own = getattr(source, "margin_and_gradient", None)
-    if own is not None:
-        return own(image, label)
-    x = image.detach().clone().unsqueeze(0).requires_grad_(True)
-    with torch.enable_grad():
-        margin = logit_margin(source.logits(x), label)[0]
-        (grad,) = torch.autograd.grad(margin, x)
-    return float(margin.detach()), grad[0].detach().to(image.device)
-
-
-def logit_margin(logits: torch.Tensor, label: int) -> torch.Tensor:
-    """(N, K) logits -> (N,) logit of `label` minus the largest other logit."""
-    others = logits.clone()
-    others[:, label] = float("-inf")
-    return logits[:, label] - others.max(dim=1).values
-
-
-def quantise(image: torch.Tensor) -> torch.Tensor:
-    """Round a [0, 1] image to the 8-bit grid, so it is exactly what a PNG of it would hold."""
-    return image.clamp(0, 1).mul(255).round().div(255)
+        values = objective(x)
+        (grad,) = torch.autograd.grad(values.sum(), x)
+    return values.detach(), grad.detach()
 
 
 class Search:
-    """What a method's `search` hook works with; it records every step in `trace`."""
+    """What a method's `search` hook works with; `query` records every step in `trace`.
 
-    def __init__(self, image, label, gradient_source, oracle: BudgetedOracle, alpha: float, options: dict):
+    image: the original (C, H, W) on the 8-bit grid; goal: the class the oracle should answer.
+    `accepted` is the last candidate the oracle classified as `goal` (None until one is).
+    """
+
+    def __init__(self, image: torch.Tensor, goal: int, gradient_source: GradientSource, oracle: BudgetedOracle,
+                 options: SearchOptions, whitebox: bool):
         self.image = image
-        self.label = label
+        self.goal = goal
         self.gradient_source = gradient_source
         self.oracle = oracle
-        self.alpha = alpha
         self.options = options
+        self.whitebox = whitebox
         self.trace: list[dict] = []
         self.epsilon: float | None = None
+        self.accepted: torch.Tensor | None = None
+        self.failure_reason: str | None = None
         self.last_prediction: int | None = None
 
+    def snap(self, candidate: torch.Tensor) -> torch.Tensor:
+        """The image the oracle will see: clipped to [0, 1] and rounded to 8 bits."""
+        return quantise(candidate)
+
     def query(self, candidate: torch.Tensor, **note) -> bool:
-        """Ask the oracle about one candidate; True when it predicts the true label."""
+        """Ask the oracle about one candidate (rounded to 8 bits first); True when it answers `goal`."""
+        candidate = self.snap(candidate)
         prediction = self.oracle.predict(candidate)
         self.last_prediction = prediction
-        self.trace.append({"query": self.oracle.queries, "prediction": prediction, **note})
-        return prediction == self.label
+        self.trace.append({"query": self.oracle.queries, "prediction": prediction,
+                           "linf_255": linf_levels(candidate, self.image), **note})
+        if prediction == self.goal:
+            self.accepted = candidate
+        return prediction == self.goal
 
 
 class Method:
     """One way of finding an inverted adversarial example. Subclasses override `search` only."""
 
     name: ClassVar[str] = "base"
-    # Options a caller may pass through `explain(..., **options)`, with their defaults.
-    defaults: ClassVar[dict[str, Any]] = {}
+    options_type: ClassVar[type[SearchOptions]] = SearchOptions
 
-    def search(self, s: Search) -> torch.Tensor | None:
-        """Return an adversarial image (C, H, W) in [0, 1] that s.query() accepted, or None."""
+    def search(self, s: Search) -> None:
+        """Query candidates through `s.query` until one is accepted (it ends up in `s.accepted`) or
+        the method gives up (set `s.failure_reason`). Running out of queries raises BudgetSpent."""
         raise NotImplementedError
 
-    def validate_options(self, options: dict) -> dict:
-        unknown = set(options) - set(self.defaults)
-        if unknown:
-            raise InvalidInput(f"method {self.name!r} takes no option(s) {', '.join(sorted(unknown))}")
-        merged = {**self.defaults, **options}
-        for key, value in merged.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if not math.isfinite(float(value)) or value < 0:
-                    raise InvalidInput(f"{key} must be a finite number >= 0, got {value!r}")
-        return merged
-
-    def run(self, image, label, gradient_source, oracle, *, max_queries: int, alpha: float, **options) -> Explanation:
+    def run(self, image: torch.Tensor, label: int, target: int, gradient_source: GradientSource,
+            oracle: Classifier, options: SearchOptions, whitebox: bool) -> Explanation:
         started = time.perf_counter()
-        options = self.validate_options(options)
-        original = image.detach().clone()
-        budget = BudgetedOracle(oracle, max_queries)
-        classes = tuple(getattr(oracle, "classes", ()))
+        original = quantise(image.detach().clone())
+        budget = BudgetedOracle(oracle, options.max_queries)
+        classes = tuple(getattr(oracle, "classes", ()) or getattr(gradient_source, "classes", ()))
 
         first = budget.predict(original)
-        trace = [{"query": 1, "prediction": first, "step": "original"}]
-        adversarial, epsilon, exhausted = None, None, False
-        final = first
-        if first != label:
-            s = Search(original, label, gradient_source, budget, alpha, options)
+        trace: list[dict] = [{"query": 1, "prediction": first, "step": "original"}]
+        accepted, failure, epsilon, final = None, None, None, first
+        if first != target:
+            s = Search(original, target, gradient_source, budget, options, whitebox)
             with no_side_effects(gradient_source):
                 try:
-                    adversarial = self.search(s)
+                    self.search(s)
                 except BudgetSpent:
-                    adversarial, exhausted = None, True
+                    s.failure_reason = FAILED_MAX_QUERIES
             trace += s.trace
-            epsilon = s.epsilon
-            if s.last_prediction is not None:
-                final = s.last_prediction
-            if adversarial is not None and final != label:
-                raise AssertionError(f"{self.name}: search returned an image the oracle did not accept")
+            accepted, epsilon = s.accepted, s.epsilon
+            final = target if accepted is not None else (s.last_prediction if s.last_prediction is not None else first)
+            failure = None if accepted is not None else (s.failure_reason or FAILED_MAX_LINF)
+            if accepted is not None and linf_levels(accepted, original) > max_levels(options.max_linf):
+                # The oracle agreed, but only with a change larger than allowed: not an explanation.
+                accepted, failure = None, FAILED_MAX_LINF
 
-        already_correct = first == label
-        success = already_correct or adversarial is not None
-        if already_correct:
-            adversarial, perturbation, l2, linf = original.clone(), torch.zeros_like(original), 0.0, 0.0
-        elif adversarial is not None:
-            adversarial = adversarial.detach().clamp(0, 1)
-            perturbation = adversarial - original
-            l2, linf = float(perturbation.norm()), float(perturbation.abs().max())
+        already = first == target
+        if already:
+            adversarial, perturbation, l2, linf, rms = original.clone(), torch.zeros_like(original), 0.0, 0.0, 0.0
+        elif accepted is not None:
+            # Both images are on the 8-bit grid: measure the change in whole levels, so the norms are
+            # exact (32 levels is 32/255, not 32/255 plus float noise).
+            levels = (accepted - original).mul(LEVELS).round().double()
+            adversarial, perturbation = accepted, (levels / LEVELS).to(original.dtype)
+            l2 = float(levels.pow(2).sum().sqrt()) / LEVELS
+            linf = float(levels.abs().max()) / LEVELS
+            rms = float(levels.pow(2).mean().sqrt()) / LEVELS
         else:
-            adversarial, perturbation, l2, linf, epsilon = original.clone(), None, None, None, None
+            adversarial, perturbation, l2, linf, rms, epsilon = original.clone(), None, None, None, None, None
         return Explanation(
-            success=success, already_correct=already_correct, label=label, original_prediction=first,
-            final_prediction=final, original=original, adversarial=adversarial, perturbation=perturbation,
-            epsilon=epsilon, queries=budget.queries, l2=l2, linf=linf, method=self.name, classes=classes,
-            trace=trace, seconds=time.perf_counter() - started, budget_exhausted=exhausted,
+            success=already or accepted is not None, already_correct=already, label=label, target=target,
+            original_prediction=first, final_prediction=final, original=original, adversarial=adversarial,
+            perturbation=perturbation, epsilon=epsilon, queries=budget.queries, l2=l2, linf=linf, rms=rms,
+            method=self.name, classes=classes, trace=trace, seconds=time.perf_counter() - started,
+            failure_reason=None if already or accepted is not None else failure,
         )

@@ -1,194 +1,286 @@
-"""The default method: free steps on the gradient source until it is confident, then one query.
+"""The default search: free steps on the gradient source inside a growing L-inf budget, then one 8-bit query.
 
-Instead of walking a fixed line with one oracle query per step (the paper), this method moves the
-image on the gradient source alone, which costs no query: targeted DeepFool steps (the smallest L2
-step that, to first order, lifts the true class's logit margin to a target `m`) from the current
-8-bit image, until the gradient source itself gives the true label a margin of at least `m` on the
-8-bit-rounded candidate. Only then is the oracle asked, once. After a failed query the margin is
-raised (`m <- m * growth + margin_step`) and the walk continues from where it stopped. It uses the
-oracle's predicted label only, so a label-only black box serves as well as one giving scores.
+Each round has an L-inf budget eps (the largest per-pixel change allowed) and a logit-margin target
+m. Inside the round the search takes DeepFool's L2 steps (the smallest change that, to first
+order, gives the goal class a margin of m) on the gradient source alone, which costs no query,
+clipping the change to the budget, until the gradient source gives the goal a margin of at least
+m on the 8-bit candidate. Only then is the oracle asked, once. After a failed query both the
+budget and the margin grow and the walk goes on from where it stopped, so the change stays as
+small as the oracle lets it be: a budget that grows only after a failed query, with L2 steps
+inside it. A round whose candidate the gradient source itself does not classify as the goal is
+skipped without a query. The budget never passes `max_linf`; a change the oracle would accept
+only beyond it is a failure.
 
-What it minimises: the L2 norm of the perturbation, step by step (DeepFool's linearised minimum),
-rather than the loss along a fixed direction; every queried image is on the 8-bit grid, so the
-adversarial example is exactly the PNG the service returns. When the gradient source IS the
-oracle (white-box), a margin just above 0 is exact, so the first query succeeds.
+What makes it work on a model it knows nothing about (architecture, input size, preprocessing):
+- the change lives on a coarse grid (`grid` cells on the photo's long side, bilinearly
+  upsampled), so whatever size the box resizes the photo to, the change survives the resize;
+- in black-box mode the gradient is averaged over `samples` views of the candidate: the
+  surrogate's own view, and views through a random resize (to `view_sizes`, squashed or not), a
+  random crop of up to `crop` of each side and Gaussian noise (`sigma`), so the change does not
+  depend on one input geometry;
+- the photo is searched at its own resolution; each model resizes it inside the gradient
+  computation (differentiably), so nothing assumes the box's input size.
 
-Two step geometries, registered as two methods: `margin` (the default) takes DeepFool's L2 steps,
-which concentrate the change on the pixels the gradient source cares most about, so Algorithm 2's
-map has a shape; `margin-linf` takes the smallest L-inf steps (every pixel moves by the same
-amount), which gives the smallest L-inf perturbation but a nearly flat saliency map. On the
-gender-faces CPU models (95 misclassified images, label-only black box) `margin` reached 100%
-with 1.85 mean search queries, median L2 0.86 and L-inf 24/255, and its maps scored a deletion
-AUC of 0.65 (Captum's Saliency 0.63, random 0.74); `margin-linf` reached 100%, 1.87, L2 1.34 and
-L-inf 4/255, with maps at the random floor (0.75). See bench/README.md.
+White-box mode (the gradient source IS the oracle, Algorithm 1) keeps the exact gradient, takes
+per-pixel steps and a margin just above 0: a candidate the model itself accepts is known before
+the one query, so that query succeeds.
 
-In black-box mode the surrogate's margin gradient is averaged over the candidate and `smooth - 1`
-seeded Gaussian-noised copies (std `sigma` = 0.03; white-box keeps the exact gradient), which
-transfers better. Tuned on 60 misclassified elpv TRAIN images (label-only box): 60.0% -> 73.3%
-success, 5.40 -> 4.13 mean search queries. Reported (not tuned on): elpv validation (102 images)
-79.4% -> 84.3%, 3.96 -> 3.24 queries, median L2 3.20 -> 1.97, L-inf 53 -> 45/255; gender-faces
-validation (95) 100% -> 100%, 1.85 -> 1.66 queries, L2 0.86 -> 0.76, L-inf 24 -> 20/255.
-Spending the whole budget (max_rounds 19), gentler growth (1.5) and line-search queries along
-t * delta did not raise the tuning-set success.
+An optional `refine` spends extra queries bisecting the L-inf cap of the found change: the
+smallest cap t with clip(change, -t, t) still accepted.
 
-An optional final search (`refine` queries, default 0 to keep the query count low) bisects the
-scale t in (0, 1] of the found perturbation for the smallest one the oracle still accepts.
+image: (C, H, W) float in [0, 1] at any size. Returns through `Search.accepted` an 8-bit image
+the oracle classifies as the goal.
+
+>>> explain(photo, label, surrogate, black_box)            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain.base import (FAILED_MAX_LINF, FAILED_NO_GRADIENT, Method, Search, SearchOptions,
+                                            max_levels)
+from advexplain.shared.pixels import QUANTUM
 
-from advexplain.shared.explain.base import Method, Search, margin_and_gradient, quantise
-
-# Logit margin the surrogate must give the true class before a black-box query. On gender-faces
-# (64x64, CPU default models, 60 misclassified images, label-only box) the margin at which the
-# black box first agreed ranged from 4 to ~130 logits (median ~23): starting at 16 and doubling
-# trades about two search queries for a median L-inf near 4-5/255; starting lower costs queries,
-# higher costs perturbation.
+# Logit margin the surrogate must give the goal before a black-box query (tuned on training images).
 DEFAULT_TRANSFER_MARGIN = 16.0
 # White-box: the gradient source is the oracle, so only ties need clearing.
 WHITEBOX_MARGIN = 1e-3
-QUANTUM = 1.0 / 255
+
+
+class MarginOptions(SearchOptions):
+    """The margin search's options (see the module docstring); frozen and validated on creation.
+
+    norm: step geometry, "l2" (DeepFool's L2 steps: the change concentrates where the gradient
+    source cares, so the saliency map has a shape) or "linf" (sign steps: every pixel moves alike).
+    margin: first logit-margin target (None: WHITEBOX_MARGIN in white-box mode, else
+    DEFAULT_TRANSFER_MARGIN); margin_growth multiplies it after a failed query.
+    budget: first L-inf budget in [0, 1] units (None: max_linf from the start); budget_growth
+    multiplies it after a failed query, up to max_linf.
+    grid: cells on the photo's long side the change is drawn on (None: every pixel).
+    samples, sigma, view_sizes, crop: black-box gradient views (1 sample = the surrogate's own view).
+    max_steps: free steps per round; max_rounds: rounds (queries, not counting refine) at most.
+    """
+
+    norm: Literal["l2", "linf"] = "l2"
+    margin: float | None = Field(None, ge=0, allow_inf_nan=False)
+    margin_growth: float = Field(2.0, ge=1, le=100, allow_inf_nan=False)
+    budget: float | None = Field(8 / 255, gt=0, le=1, allow_inf_nan=False)
+    budget_growth: float = Field(1.5, ge=1, le=100, allow_inf_nan=False)
+    grid: int | None = Field(24, ge=2, le=4096)
+    samples: int = Field(6, ge=1, le=64)
+    sigma: float = Field(0.02, ge=0, le=1, allow_inf_nan=False)
+    view_sizes: tuple[int, int] = (24, 96)
+    crop: float = Field(0.3, ge=0, lt=0.5, allow_inf_nan=False)
+    saturation: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    max_steps: int = Field(8, ge=1, le=1000)
+    max_rounds: int = Field(6, ge=1, le=100)
+    overshoot: float = Field(0.02, ge=0, le=10, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _views(self) -> "MarginOptions":
+        low, high = self.view_sizes
+        if not 8 <= low <= high <= 4096:
+            raise ValueError(f"view_sizes must be two sizes 8 <= low <= high, got {self.view_sizes}")
+        return self
 
 
 class MarginSearch(Method):
-    """Surrogate-first margin search (targeted DeepFool on the gradient source, 8-bit queries).
-
-    Options: margin (logit margin before the first query; None = WHITEBOX_MARGIN when the gradient
-    source is the oracle, else DEFAULT_TRANSFER_MARGIN), growth and margin_step (how the margin is
-    raised after a failed query), overshoot (relative extra per DeepFool step), max_steps (free
-    steps per query), max_rounds (failed queries before giving up), refine (extra queries spent
-    shrinking a found perturbation), quantise (round candidates to 8 bits), smooth and sigma
-    (black-box gradient smoothing: samples and noise std; smooth 0 or 1 turns it off).
-
-    image: (C, H, W) float in [0, 1]. Returns an image the oracle classifies as `label`.
-
-    >>> explain(x, 1, surrogate, black_box)   # doctest: +SKIP
-    """
+    """Surrogate-first margin search inside a growing L-inf budget (see the module docstring)."""
 
     name = "margin"
-    defaults = {
-        "margin": None,
-        "growth": 2.0,
-        "margin_step": 0.0,
-        "overshoot": 0.02,
-        "max_steps": 50,
-        "max_rounds": 10,
-        "refine": 0,
-        "quantise": True,
-        "norm": "l2",
-        "smooth": 4,
-        "sigma": 0.03,
-    }
+    options_type = MarginOptions
 
-    def validate_options(self, options: dict) -> dict:
-        merged = super().validate_options({k: v for k, v in options.items() if k not in ("norm", "quantise", "margin")})
-        merged.update({k: options[k] for k in ("norm", "quantise", "margin") if k in options})
-        if merged["norm"] not in ("linf", "l2"):
-            raise InvalidInput(f"norm must be 'linf' or 'l2', got {merged['norm']!r}")
-        margin = merged["margin"]
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                                   or not math.isfinite(margin) or margin < 0):
-            raise InvalidInput(f"margin must be a finite number >= 0, got {margin!r}")
-        if merged["growth"] < 1:
-            raise InvalidInput(f"growth must be >= 1, got {merged['growth']!r}")
-        merged["quantise"] = bool(merged["quantise"])
-        return merged
+    def search(self, s: Search) -> None:
+        o: MarginOptions = s.options  # type: ignore[assignment]
+        white = s.whitebox
+        margin = o.margin if o.margin is not None else (WHITEBOX_MARGIN if white else DEFAULT_TRANSFER_MARGIN)
+        budgets = budget_schedule(o.budget, o.budget_growth, o.max_linf)
+        views = None if white else Views(s.image, o, torch.Generator().manual_seed(0))
+        z = torch.zeros(self._grid_shape(s.image, None if white else o.grid), dtype=s.image.dtype)
+        rounds = 0
+        for n, eps in enumerate(budgets):
+            last = n == len(budgets) - 1
+            while True:
+                z, candidate, reached, steps = self._walk(s, z, eps, margin, views)
+                if reached is None:
+                    s.failure_reason = FAILED_NO_GRADIENT
+                    return
+                if reached <= 0 and (white or not last):
+                    # The gradient source itself disagrees: a larger budget, no query spent. In
+                    # white-box mode it is the oracle, so at the last budget nothing will do.
+                    break
+                if s.query(candidate, budget_255=round(eps * 255), margin=margin, surrogate_margin=reached,
+                           steps=steps):
+                    self._refine(s, candidate, o.refine)
+                    return
+                rounds += 1
+                margin *= o.margin_growth
+                if rounds >= o.max_rounds:
+                    s.failure_reason = FAILED_MAX_LINF
+                    return
+                if not last:
+                    break  # after a failed query both the margin and the budget grow
+        s.failure_reason = FAILED_MAX_LINF
 
-    def search(self, s: Search):
-        o = s.options
-        snap = quantise if o["quantise"] else (lambda t: t.clamp(0, 1))
-        margin = o["margin"]
-        if margin is None:
-            margin = WHITEBOX_MARGIN if s.gradient_source is s.oracle.oracle else DEFAULT_TRANSFER_MARGIN
-        # Smoothing helps transfer only; white-box keeps the exact gradient. Seeded: reproducible.
-        noise = None if s.gradient_source is s.oracle.oracle else torch.Generator().manual_seed(0)
-        current = s.image.clone()
-        for round_ in range(int(o["max_rounds"]) + 1):
-            candidate, reached, steps = self._walk(s, current, margin, noise)
-            current = candidate
-            if s.query(candidate, margin=margin, steps=steps, surrogate_margin=reached,
-                       linf=float((candidate - s.image).abs().max())):
-                found = self._refine(s, candidate, snap, int(o["refine"]))
-                s.epsilon = float((found - s.image).abs().max())
-                return found
-            margin = margin * float(o["growth"]) + float(o["margin_step"])
-        return None
+    @staticmethod
+    def _grid_shape(image: torch.Tensor, grid: int | None) -> tuple[int, int, int]:
+        c, h, w = image.shape
+        if grid is None or grid >= max(h, w):
+            return (c, h, w)
+        scale = grid / max(h, w)
+        return (c, max(2, round(h * scale)), max(2, round(w * scale)))
 
-    def _walk(self, s: Search, start: torch.Tensor, target: float, noise=None) -> tuple[torch.Tensor, float, int]:
-        """Free DeepFool steps on the gradient source from `start` until the snapped candidate has
-        margin >= target; returns (candidate, its margin, steps taken). `noise` (a Generator)
-        turns on gradient smoothing."""
-        o = s.options
-        snap = quantise if o["quantise"] else (lambda t: t.clamp(0, 1))
-        current = start.clone()
-        candidate = snap(current)
-        value = float("-inf")
-        for step in range(int(o["max_steps"]) + 1):
-            value, grad = self._margin_and_gradient(s, candidate, noise)
-            if value >= target or step == int(o["max_steps"]):
-                return candidate, value, step
-            norm2 = float((grad * grad).sum())
-            if norm2 == 0.0:
-                return candidate, value, step
-            need = (target - value) * (1.0 + float(o["overshoot"]))
-            if o["norm"] == "linf":
-                # The smallest L-inf step reaching the target to first order: |g|_1 sign(g).
-                direction = grad.sign() * (need / float(grad.abs().sum()))
+    def _walk(self, s: Search, z: torch.Tensor, eps: float, target: float, views: "Views | None"):
+        """Free DeepFool steps on z (the change on its grid) inside |change| <= eps until the 8-bit
+        candidate has margin >= target. Returns (z, candidate, margin at the candidate or None when
+        there is no gradient, steps taken)."""
+        o: MarginOptions = s.options  # type: ignore[assignment]
+        h, w = s.image.shape[-2:]
+        eps = max_levels(eps) / 255  # on the 8-bit grid, so rounding cannot pass it
+        z = z.clamp(-eps, eps)
+        value = None
+        candidate = s.snap(s.image + upsample(z, h, w))
+        for step in range(o.max_steps + 1):
+            value, grad = self._margin_and_grad(s, z, views)
+            candidate = s.snap(s.image + upsample(z, h, w))
+            saturated = float((z.abs() >= eps - 1e-9).float().mean()) if eps > 0 else 0.0
+            if value >= target or step == o.max_steps or (step and saturated > o.saturation):
+                return z, candidate, value, step
+            # Coordinates already at the budget and pushed outwards cannot move: leave them out of the step.
+            free = ~(((z >= eps) & (grad > 0)) | ((z <= -eps) & (grad < 0)))
+            g = grad * free
+            need = (target - value) * (1.0 + o.overshoot)
+            if o.norm == "linf":
+                l1 = float(g.abs().sum())
+                if l1 == 0.0:
+                    return z, candidate, (value if step else None), step
+                direction = g.sign() * (need / l1)
             else:
-                direction = grad * (need / norm2)
-            if o["quantise"]:
-                # A step below one 8-bit level would round away and stall the walk: move at least
-                # one level (1/255) on the pixel that moves most.
-                top = float(direction.abs().max())
-                if 0 < top < QUANTUM:
-                    direction = direction * (QUANTUM / top)
-            # Step from the continuous iterate, so sub-quantum progress accumulates instead of
-            # being rounded away each time.
-            current = (current + direction).clamp(0, 1)
-            candidate = snap(current)
-        return candidate, value, int(o["max_steps"])
+                n2 = float((g * g).sum())
+                if n2 == 0.0:
+                    return z, candidate, (value if step else None), step
+                direction = g * (need / n2)
+            # A step below one 8-bit level would round away and stall the walk.
+            top = float(direction.abs().max())
+            if 0 < top < QUANTUM:
+                direction = direction * (QUANTUM / top)
+            z = (z + direction).clamp(-eps, eps)
+        return z, candidate, value, o.max_steps
 
-    def _margin_and_gradient(self, s: Search, image: torch.Tensor, noise) -> tuple[float, torch.Tensor]:
-        """The margin at `image`; with a `noise` generator, its gradient averaged with `smooth - 1`
-        Gaussian-noised copies (std `sigma`), which transfers better to the black box."""
-        value, grad = margin_and_gradient(s.gradient_source, image, s.label)
-        n = int(s.options["smooth"])
-        if noise is not None and n > 1:
-            sigma = float(s.options["sigma"])
-            for _ in range(n - 1):
-                jitter = torch.randn(image.shape, generator=noise).to(image.device, image.dtype)
-                grad = grad + margin_and_gradient(s.gradient_source, (image + sigma * jitter).clamp(0, 1), s.label)[1]
-            grad = grad / n
-        return value, grad
+    def _margin_and_grad(self, s: Search, z: torch.Tensor, views: "Views | None") -> tuple[float, torch.Tensor]:
+        """Mean margin of the goal over the views of the 8-bit candidate image + upsample(z), and
+        its gradient with respect to z (straight through the rounding)."""
+        h, w = s.image.shape[-2:]
+        goal, source = s.goal, s.gradient_source
+        z = z.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            x = s.image + upsample(z, h, w)
+            x = x + (s.snap(x) - x).detach()  # the value at the rounded image, the gradient of the smooth one
+            batch = x.unsqueeze(0) if views is None else views(x)
+            margins = source.margin(batch, goal)
+            (grad,) = torch.autograd.grad(margins.mean(), z)
+        return float(margins.detach().mean()), grad.detach()
 
-    def _refine(self, s: Search, found: torch.Tensor, snap, queries: int) -> torch.Tensor:
-        """Bisect t in (0, 1]: the smallest scaled perturbation the oracle still accepts."""
+    def _refine(self, s: Search, found: torch.Tensor, queries: int) -> None:
+        """Bisect the L-inf cap t of the found change: the smallest clip(change, -t, t) still accepted."""
         delta = found - s.image
-        low, high, best = 0.0, 1.0, found
+        low, high = 0, round(float(delta.abs().max()) * 255)
         for _ in range(queries):
-            if s.oracle.remaining <= 0:
-                break
-            mid = (low + high) / 2
-            candidate = snap(s.image + mid * delta)
-            if torch.equal(candidate, best) or torch.equal(candidate, s.image):
-                break
-            if s.query(candidate, refine=mid):
-                high, best = mid, candidate
+            if high - low <= 1 or s.oracle.remaining <= 0:
+                return
+            mid = (low + high) // 2
+            cap = mid / 255
+            if s.query(s.image + delta.clamp(-cap, cap), refine_cap_255=mid):
+                high = mid
             else:
                 low = mid
-        if s.last_prediction != s.label:
-            s.last_prediction = s.label  # the best candidate was accepted by an earlier query
-        return best
 
 
 class MarginSearchLinf(MarginSearch):
-    """The margin search with L-inf steps: the smallest L-inf change, but a flat saliency map."""
+    """The margin search with L-inf (sign) steps: every pixel moves by about the same amount."""
 
     name = "margin-linf"
-    defaults = {**MarginSearch.defaults, "norm": "linf"}
+
+    def search(self, s: Search) -> None:
+        if s.options.norm != "linf":  # type: ignore[attr-defined]
+            s.options = s.options.model_copy(update={"norm": "linf"})
+        super().search(s)
+
+
+def budget_schedule(first: float | None, growth: float, cap: float) -> list[float]:
+    """L-inf budgets: first, first * growth, ... up to and including `cap` (each at least 1/255)."""
+    if first is None or first >= cap or growth <= 1:
+        return [cap]
+    out, eps = [], max(first, QUANTUM)
+    while eps < cap - 1e-9:
+        out.append(eps)
+        eps *= growth
+    return out + [cap]
+
+
+def upsample(z: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(C, gh, gw) change on its grid -> (C, h, w), bilinear (a convex combination: |out| <= max |z|)."""
+    if z.shape[-2:] == (h, w):
+        return z
+    return F.interpolate(z.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+class Views:
+    """Random views of a candidate for black-box gradients, all differentiable, seeded.
+
+    The candidate is first brought to a working size (long side at most `WORK_SIDE`, antialiased;
+    a surrogate's own input is smaller, so its view is unchanged in substance): that is view 0, the
+    surrogate's own view. Each other view crops a random share (up to `crop`) off each side, resizes
+    to a random size s in `view_sizes` (squashed to s x s, or the shorter side to s; bilinear or
+    bicubic, antialiased) and adds Gaussian noise of std `sigma`, imitating the input geometries
+    boxes use. Every view goes back to the working size, so one batch holds them all.
+    """
+
+    MODES = ("bilinear", "bicubic")
+    WORK_SIDE = 128
+
+    def __init__(self, image: torch.Tensor, options: MarginOptions, generator: torch.Generator):
+        self.samples = options.samples
+        self.sigma = options.sigma
+        self.low, self.high = options.view_sizes
+        self.crop = options.crop
+        self.generator = generator
+        h, w = image.shape[-2:]
+        scale = min(1.0, self.WORK_SIDE / max(h, w))
+        self.work = (max(8, round(h * scale)), max(8, round(w * scale)))
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.generator))
+
+    @staticmethod
+    def _resize(v: torch.Tensor, shape: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        if tuple(v.shape[-2:]) == tuple(shape):
+            return v
+        return F.interpolate(v, size=shape, mode=mode, antialias=True, align_corners=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, H, W) -> (samples, C, h, w) at the working size."""
+        base = self._resize(x.unsqueeze(0), self.work)
+        h, w = self.work
+        views = [base]
+        for _ in range(self.samples - 1):
+            top, bottom, left, right = (int(self._uniform(0, self.crop) * m) for m in (h, h, w, w))
+            v = base[:, :, top:h - bottom, left:w - right]
+            size = round(self._uniform(self.low, self.high))
+            vh, vw = v.shape[-2:]
+            if float(torch.rand((), generator=self.generator)) < 0.5:
+                shape = (size, size)
+            else:
+                scale = size / min(vh, vw)
+                shape = (max(8, round(vh * scale)), max(8, round(vw * scale)))
+            mode = self.MODES[int(torch.randint(len(self.MODES), (), generator=self.generator))]
+            v = self._resize(v, shape, mode)
+            if self.sigma > 0:
+                v = v + self.sigma * torch.randn(v.shape, generator=self.generator).to(v.dtype)
+            views.append(F.interpolate(v.clamp(0, 1), size=self.work, mode="bilinear", align_corners=False))
+        return torch.cat(views)

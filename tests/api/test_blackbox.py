@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from advexplain.services.blackbox.app import create_app
 from advexplain.services.blackbox.settings import BlackboxSettings
-from advexplain.services.common.images import decode_image
+from advexplain.shared.images import decode_image
 from advexplain.shared.classifiers import LocalClassifier
 
 CLASSES = ["defective", "functional"]
@@ -227,7 +227,7 @@ def test_each_error_has_the_one_shape_and_counts_no_query(make_settings, case):
 
 
 def test_pixel_limit_is_checked_before_decoding(make_settings, monkeypatch):
-    import advexplain.services.common.images as images
+    import advexplain.shared.images as images
 
     def must_not_decode(*a, **k):
         raise AssertionError("decoded an image that is over the pixel limit")

@@ -22,8 +22,8 @@ from advexplain.services.blackbox.app import create_app as create_blackbox
 from advexplain.services.blackbox.settings import BlackboxSettings
 from advexplain.services.explainer.app import create_app
 from advexplain.services.explainer.settings import ExplainerSettings
-from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.explain import EnsembleSurrogate
+from advexplain.shared.pixels import encode_png
 
 CLASSES = ["defective", "functional"]
 CLIENT = "explainer-under-test"
@@ -34,10 +34,7 @@ BOX_URL = "http://testserver"  # what a TestClient of the black-box app answers 
 # ---------------------------------------------------------------- helpers
 
 def png_bytes(x: torch.Tensor) -> bytes:
-    arr = x.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    return encode_png(x)
 
 
 def decode_png(data: bytes) -> Image.Image:
@@ -75,29 +72,44 @@ def counted(box: TestClient) -> int:
 
 # ---------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def cases(tiny_models) -> list[tuple[bytes, int, int]]:
-    """(PNG, true label, black-box prediction) of elpv validation images the tiny black box gets wrong."""
-    from advexplain.shared.data import load_images
+# Uploads are "user photos": elpv cells resized to 96 x 80 (width x height), a size and an aspect
+# ratio neither model has; the black box (32 x 32) and the surrogate resize them their own ways.
+PHOTO = (96, 80)
 
-    images = load_images("elpv", "validation", 32, progress=False)
-    box = LocalClassifier.from_checkpoint(tiny_models["blackbox"])
-    x = images.as_float().mul(255).round().div(255)
-    predicted = box.predict_proba(x).argmax(1)
-    wrong = (predicted != images.labels).nonzero().flatten()[:6].tolist()
-    assert len(wrong) >= 3, "the tiny black box should misclassify some validation images"
-    return [(png_bytes(x[i]), int(images.labels[i]), int(predicted[i])) for i in wrong]
+
+def photo_bytes(cell) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(cell.permute(1, 2, 0).numpy()).resize(PHOTO, Image.Resampling.LANCZOS).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
-def correct_case(tiny_models) -> tuple[bytes, int]:
-    from advexplain.shared.data import load_images
+def labelled_photos(tiny_models) -> list[tuple[bytes, int, int]]:
+    """(PNG, true label, the black box's answer for that PNG) for elpv validation photos."""
+    from advexplain.shared.data import load_photos
 
-    images = load_images("elpv", "validation", 32, progress=False)
-    box = LocalClassifier.from_checkpoint(tiny_models["blackbox"])
-    x = images.as_float().mul(255).round().div(255)
-    right = (box.predict_proba(x).argmax(1) == images.labels).nonzero().flatten()[0]
-    return png_bytes(x[right]), int(images.labels[right])
+    photos = load_photos("elpv", "validation")
+    settings = BlackboxSettings(model=tiny_models["blackbox"], device="cpu", threads=1)
+    out = []
+    with TestClient(create_blackbox(settings)) as box:
+        for i in range(120):
+            data = photo_bytes(photos.photos[i])
+            answer = box.post("/predict", files={"image": ("p.png", data, "image/png")}).json()
+            out.append((data, photos.labels[i], CLASSES.index(answer["predictions"][0]["label"])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases(labelled_photos) -> list[tuple[bytes, int, int]]:
+    """(PNG, true label, black-box prediction) of photos the tiny black box gets wrong."""
+    wrong = [case for case in labelled_photos if case[1] != case[2]][:6]
+    assert len(wrong) >= 3, "the tiny black box should misclassify some validation photos"
+    return wrong
+
+
+@pytest.fixture(scope="module")
+def correct_case(labelled_photos) -> tuple[bytes, int]:
+    return next((data, label) for data, label, predicted in labelled_photos if label == predicted)
 
 
 @pytest.fixture
@@ -142,10 +154,13 @@ def check_explanation(body: dict, true_label: int, box: TestClient, queries: int
     assert body["queries"] <= body["max_queries"]
     pngs = {name: base64.b64decode(body["images"][name], validate=True) for name in ("saliency", "overlay", "adversarial", "panel")}
     images = {name: decode_png(data) for name, data in pngs.items()}
-    assert images["adversarial"].size == (32, 32) and images["saliency"].size == (32, 32)
+    for name in ("adversarial", "saliency", "overlay"):
+        assert images[name].size == PHOTO, f"{name} must come back at the upload's size"
+    assert (body["width"], body["height"]) == (body["original_width"], body["original_height"]) == PHOTO
+    assert not body["downscaled"]
     if body["success"] and not body["already_correct"]:
         assert body["final_prediction"] == body["label"] != body["original_prediction"]
-        assert 0 < body["linf"] <= 1 and body["l2"] >= body["linf"]
+        assert 0 < body["linf"] <= body["max_linf"] and body["l2"] >= body["linf"] and body["failure_reason"] is None
         before = counted(box)
         resp = box.post("/predict", files={"image": ("adv.png", pngs["adversarial"], "image/png")})
         assert resp.status_code == 200
@@ -153,6 +168,7 @@ def check_explanation(body: dict, true_label: int, box: TestClient, queries: int
         assert counted(box) == before  # that check was made as 'anonymous'
     elif not body["success"]:
         assert body["l2"] is None and body["linf"] is None and body["final_prediction"] != body["label"]
+        assert body["failure_reason"] in ("max_queries", "max_linf", "alpha", "no_gradient")
 
 
 def test_explain_finds_what_the_black_box_accepts_and_queries_equal_its_counter_delta(explainer, box, cases):
@@ -163,7 +179,7 @@ def test_explain_finds_what_the_black_box_accepts_and_queries_equal_its_counter_
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["original_prediction"] == CLASSES[predicted] and not body["already_correct"]
-        assert body["method"] == "margin" and body["max_queries"] == 20
+        assert body["method"] == "margin" and body["max_queries"] == 20 and body["target"] == body["label"]
         check_explanation(body, label, box, counted(box) - before)
         successes += body["success"]
     # The tiny surrogate transfers to the tiny black box for some images only; each success above was
@@ -197,7 +213,7 @@ def test_a_failed_search_is_a_200_that_says_what_was_tried(explainer, box, cases
     resp = explainer.post("/explain", **upload(image, CLASSES[label], max_queries=1))
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert body["success"] is False and body["budget_exhausted"] is True
+    assert body["success"] is False and body["budget_exhausted"] is True and body["failure_reason"] == "max_queries"
     assert body["queries"] == 1 == counted(box) - before and body["trace"][0]["prediction"] == predicted
     check_explanation(body, label, box, 1)
 
@@ -208,7 +224,7 @@ def test_accept_png_gives_the_panel_with_the_numbers_in_headers(explainer, box, 
     resp = explainer.post("/explain", headers={"Accept": "image/png"}, **upload(image, CLASSES[label]))
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
     panel = decode_png(resp.content)
-    assert panel.width > 3 * 32
+    assert panel.width > 3 * PHOTO[0]
     h = resp.headers
     assert int(h["X-Explanation-Queries"]) == counted(box) - before
     assert int(h["X-Explanation-Search-Queries"]) == int(h["X-Explanation-Queries"]) - 1
@@ -218,13 +234,48 @@ def test_accept_png_gives_the_panel_with_the_numbers_in_headers(explainer, box, 
         assert float(h["X-Explanation-Linf"]) > 0 and h["X-Explanation-Final-Prediction"] == CLASSES[label]
 
 
-def test_the_upload_is_resized_to_the_surrogate_size(explainer, box, cases):
+def test_the_first_prediction_is_of_the_upload_as_sent(explainer, box, cases, monkeypatch):
+    """A JPEG upload reaches the box as the same bytes; later queries are PNGs of the photo plus the change."""
     image, label, _ = cases[0]
-    big = Image.open(io.BytesIO(image)).resize((80, 80))
     buf = io.BytesIO()
-    big.save(buf, format="JPEG")
-    body = explainer.post("/explain", **upload(buf.getvalue(), CLASSES[label])).json()
-    assert decode_png(base64.b64decode(body["images"]["adversarial"])).size == (32, 32)
+    Image.open(io.BytesIO(image)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    sent = []
+    original_request = box.request
+
+    def spy(method, url, **kw):
+        if method == "POST":
+            sent.extend(part[1][1] for part in kw["files"])
+        return original_request(method, url, **kw)
+
+    monkeypatch.setattr(box, "request", spy)
+    body = explainer.post("/explain", **upload(jpeg, CLASSES[label])).json()
+    assert sent[0] == jpeg and len(sent) == body["queries"]
+    for data in sent[1:]:
+        assert decode_png(data).size == PHOTO
+
+
+def test_max_side_downscales_a_large_upload_once_and_says_so(box, settings_for, cases):
+    image, label, _ = cases[0]
+    big = io.BytesIO()
+    Image.open(io.BytesIO(image)).resize((384, 320)).save(big, format="PNG")
+    with TestClient(create_app(settings_for(max_side=120), blackbox_client=box)) as c:
+        body = c.post("/explain", **upload(big.getvalue(), CLASSES[label])).json()
+    assert body["downscaled"] is True and (body["original_width"], body["original_height"]) == (384, 320)
+    assert (body["width"], body["height"]) == (120, 100)
+    assert decode_png(base64.b64decode(body["images"]["adversarial"])).size == (120, 100)
+
+
+def test_target_other_than_the_label_on_a_correct_prediction(whitebox, box, correct_case):
+    image, label = correct_case
+    other = CLASSES[1 - label]
+    body = whitebox.post("/internal/whitebox/explain", headers={"Authorization": f"Bearer {TOKEN}"},
+                         **upload(image, CLASSES[label], target=other)).json()
+    assert body["label"] == CLASSES[label] and body["target"] == other and not body["already_correct"]
+    assert body["success"] and body["final_prediction"] == other
+    adversarial = base64.b64decode(body["images"]["adversarial"])
+    assert box.post("/predict", files={"image": ("a.png", adversarial, "image/png")}).json()[
+        "predictions"][0]["label"] == other
 
 
 # ---------------------------------------------------------------- bad requests: same treatment as the black box
@@ -245,6 +296,11 @@ def test_bad_uploads_and_parameters_get_the_error_body_and_spend_no_query(explai
         (upload(image, name, tau="inf"), 422, "validation_error"),
         (upload(image, name, beta=1), 422, "validation_error"),
         (upload(image, name, alpha="nan"), 422, "validation_error"),
+        (upload(image, name, alpha=2.0), 400, "invalid_input"),  # alpha is the paper's only
+        (upload(image, name, max_linf=0), 422, "validation_error"),
+        (upload(image, name, max_linf=2), 422, "validation_error"),
+        (upload(image, name, refine=-1), 422, "validation_error"),
+        (upload(image, name, target="cracked"), 400, "invalid_input"),
         ({"data": {"label": name}}, 422, "validation_error"),
         ({"files": {"image": ("x.png", image, "image/png")}}, 422, "validation_error"),
     ]
@@ -255,11 +311,11 @@ def test_bad_uploads_and_parameters_get_the_error_body_and_spend_no_query(explai
 
 def test_size_limits_are_413(box, settings_for, cases):
     image, label, _ = cases[0]
-    with TestClient(create_app(settings_for(max_upload_bytes=5_000, max_pixels=40 * 40), blackbox_client=box)) as c:
+    with TestClient(create_app(settings_for(max_upload_bytes=20_000, max_pixels=90 * 90), blackbox_client=box)) as c:
         noise = torch.rand(3, 120, 120, generator=torch.Generator().manual_seed(0))
         assert_error(c.post("/explain", **upload(png_bytes(noise), "0")), 413, "payload_too_large")
         big = io.BytesIO()
-        Image.new("RGB", (50, 50)).save(big, format="PNG")
+        Image.new("RGB", (100, 100)).save(big, format="PNG")
         assert_error(c.post("/explain", **upload(big.getvalue(), "0")), 413, "payload_too_large")
         two = {"files": [("image", ("a.png", image, "image/png")), ("image", ("b.png", image, "image/png"))],
                "data": {"label": "0"}}
@@ -315,12 +371,12 @@ def test_whitebox_explains_with_the_real_model_without_querying_the_black_box(wh
 # ---------------------------------------------------------------- the black box failing
 
 def fake_box(predict) -> httpx.Client:
-    """An httpx client whose black box lists the classes and answers /predict with `predict(request)`."""
+    """An httpx client whose black box has /predict only (answered by `predict(request)`), no /healthz."""
 
     def route(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/healthz":
-            return httpx.Response(200, json={"status": "ready", "classes": CLASSES, "max_images": 64})
-        return predict(request)
+        if request.url.path == "/predict":
+            return predict(request)
+        return httpx.Response(404, json={"detail": "Not Found"})
 
     return httpx.Client(transport=httpx.MockTransport(route))
 
@@ -341,20 +397,43 @@ def test_black_box_answering_5xx_or_junk(settings_for, cases, predict, status, c
         assert {(s.labels["outcome"], s.value) for s in errors} == {("error", 1.0)}
 
 
-def test_a_black_box_with_other_classes_is_refused_before_any_query(settings_for, cases):
+def test_a_box_with_predict_only_is_explained_with_the_surrogates_class_names(box, settings_for, cases):
+    """No /healthz and no class list: the explainer needs nothing but /predict, and the box's own
+    labels must be among the surrogate's class names."""
     image, label, _ = cases[0]
-    posts = []
 
     def route(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/healthz":
-            return httpx.Response(200, json={"status": "ready", "classes": ["cat", "dog"], "max_images": 64})
-        posts.append(request)
-        return httpx.Response(500)
+        if request.url.path != "/predict":
+            return httpx.Response(404, json={"detail": "Not Found"})
+        resp = box.post("/predict", content=request.content, headers={
+            "content-type": request.headers["content-type"], "X-Client-Id": CLIENT})
+        return httpx.Response(resp.status_code, content=resp.content, headers=dict(resp.headers))
 
     with httpx.Client(transport=httpx.MockTransport(route)) as http, \
             TestClient(create_app(settings_for(blackbox_url="http://fake"), blackbox_client=http)) as c:
+        health = c.get("/healthz")
+        assert health.status_code == 200 and health.json()["blackbox"] == "ok"
+        before = counted(box)
+        body = c.post("/explain", **upload(image, CLASSES[label])).json()
+        check_explanation(body, label, box, counted(box) - before)
+
+
+def test_labels_outside_the_classes_are_a_clear_502(settings_for, cases):
+    image, label, _ = cases[0]
+    answer = {"predictions": [{"label": "cat", "index": 0}], "queries": 1}
+    with fake_box(lambda r: httpx.Response(200, json=answer)) as http, \
+            TestClient(create_app(settings_for(blackbox_url="http://fake"), blackbox_client=http)) as c:
         body = assert_error(c.post("/explain", **upload(image, label)), 502, "blackbox_bad_response")
-    assert "classes" in body["error"]["message"] and posts == []
+    assert "'cat'" in body["error"]["message"] and "classes" in body["error"]["message"]
+
+
+def test_the_classes_setting_renames_what_the_box_answers(box, settings_for, cases):
+    image, label, _ = cases[0]
+    with TestClient(create_app(settings_for(classes="cracked,intact"), blackbox_client=box)) as c:
+        body = assert_error(c.post("/explain", **upload(image, "cracked")), 502, "blackbox_bad_response")
+        assert "'defective'" in body["error"]["message"]  # the real box still says defective/functional
+    with pytest.raises(ValidationError):
+        settings_for(classes="only-one")
 
 
 def free_port() -> int:
@@ -419,7 +498,7 @@ def test_explainer_healthz_ready_when_both_are(explainer):
     resp = explainer.get("/healthz")
     assert resp.status_code == 200
     assert resp.json() == {"status": "ready", "surrogate": True, "surrogates": 1, "blackbox": "ok",
-                           "classes": CLASSES, "image_size": 32}
+                           "classes": CLASSES}
 
 
 def test_healthz_loading_before_the_lifespan(settings_for, box):
@@ -492,7 +571,8 @@ def test_openapi_documents_explain(explainer):
     assert set(schema["paths"]) == {"/explain", "/healthz", "/metrics"}
     post = schema["paths"]["/explain"]["post"]
     ref = post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
-    assert {"image", "label", "method", "max_queries", "tau", "beta", "alpha"} <= set(schema["components"]["schemas"][ref]["properties"])
+    assert {"image", "label", "target", "method", "max_queries", "max_linf", "refine", "tau", "beta", "alpha"} <= set(
+        schema["components"]["schemas"][ref]["properties"])
     assert {"application/json", "image/png"} <= set(post["responses"]["200"]["content"])
     for status in ("400", "413", "415", "422", "502", "503", "504"):
         assert post["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")

@@ -250,7 +250,7 @@ def test_no_code_path_unpickles():
 # ---------------------------------------------------------------- limits before decoding, on the explainer too
 
 def test_explainer_pixel_limit_is_checked_before_decoding(tiny_models, box, monkeypatch):
-    import advexplain.services.common.images as images
+    import advexplain.shared.images as images
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded an image over the pixel limit")

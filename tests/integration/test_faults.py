@@ -190,7 +190,8 @@ def test_protocol_level_hostility_and_the_token_stays_out_of_the_logs(service_fa
                          timeout=10).status_code == 200
         try:
             huge = httpx.get(f"{service.url}/healthz", headers={"X-Junk": "j" * 2_000_000}, timeout=10)
-            assert huge.status_code == 400, huge.status_code
+            # uvicorn's parser (400) or the app (431) refuses it, depending on how TCP split the head.
+            assert huge.status_code in (400, 431), huge.status_code
         except httpx.TransportError:
             pass
         assert httpx.get(f"{service.url}/healthz", timeout=10).status_code == 200

@@ -20,7 +20,7 @@ def test_evaluate_writes_consistent_report(tiny_models, tmp_path, mode, method):
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     lines = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
-    assert metrics["misclassified"] == metrics["explained"] == len(lines) == 3
+    assert metrics["misclassified"] >= metrics["explained"] == len(lines) == 3
     assert metrics["oracle_queries_total"] == sum(line["queries"] for line in lines)
     assert metrics["mean_search_queries"] == pytest.approx(sum(line["search_queries"] for line in lines) / 3)
     assert metrics["success_rate"] == pytest.approx(sum(line["success"] for line in lines) / 3)

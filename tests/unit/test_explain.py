@@ -1,7 +1,8 @@
-"""Properties of the explanation engine on tiny seeded models (white-box and black-box)."""
+"""Properties of the explanation engine on tiny seeded models, on photos at their own (non-square) size."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,201 +11,316 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from advexplain.shared.classifiers import LocalClassifier
-from advexplain.shared.data import load_images
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.explain import (DEFAULT_METHOD, METHODS, EnsembleSurrogate, Explanation, epsilon_schedule, explain,
-                            quantise)
-from advexplain.shared.explain.base import loss_gradient
-from advexplain.shared.training import predict
+from advexplain.shared.explain import (DEFAULT_MAX_LINF, DEFAULT_METHOD, METHODS, EnsembleSurrogate, Explanation,
+                                       epsilon_schedule, explain)
+from advexplain.shared.explain.base import no_side_effects, value_and_grad
+from advexplain.shared.explain.margin import budget_schedule, upsample
+from advexplain.shared.data import load_photos
+from advexplain.shared.pixels import quantise
+
+# elpv cells are 300 x 300: a crop of 300 x 240 keeps every test on a non-square photo.
+HEIGHT, WIDTH = 300, 240
+
+
+def photo(photos, i: int) -> torch.Tensor:
+    return photos.image(i)[:, :HEIGHT, :WIDTH].contiguous()
 
 
 @pytest.fixture(scope="module")
 def setting(tiny_models):
     blackbox = LocalClassifier.from_checkpoint(tiny_models["blackbox"])
     surrogate = LocalClassifier.from_checkpoint(tiny_models["surrogate"])
-    data = load_images("elpv", "validation", 32, progress=False)
-    predicted = predict(blackbox.model, data)
-    wrong = (predicted != data.labels).nonzero().flatten()
-    right = (predicted == data.labels).nonzero().flatten()
-    assert len(wrong) >= 8 and len(right) >= 1
-    return {"blackbox": blackbox, "surrogate": surrogate, "data": data, "wrong": wrong[:8].tolist(),
-            "right": right[:2].tolist(), "paths": tiny_models}
+    photos = load_photos("elpv", "validation")
+    wrong, right = [], []
+    for i in range(len(photos)):
+        predicted = int(blackbox.predict_proba(photo(photos, i)[None]).argmax())
+        (wrong if predicted != photos.labels[i] else right).append(i)
+        if len(wrong) >= 8 and len(right) >= 2:
+            break
+    assert len(wrong) >= 8 and len(right) >= 2
+    return {"surrogate": surrogate, "photos": photos, "wrong": wrong, "right": right, "paths": tiny_models}
 
 
 def image_of(setting, i):
-    data = setting["data"]
-    return data.as_float(slice(i, i + 1))[0], int(data.labels[i])
+    return photo(setting["photos"], i), setting["photos"].labels[i]
 
 
 def fresh_oracle(setting, label_only=False):
     return LocalClassifier.from_checkpoint(setting["paths"]["blackbox"], label_only=label_only)
 
 
-def check_properties(result: Explanation, image, before, label, oracle, queries_before, max_queries):
+class Recording:
+    """An oracle wrapper that keeps every image it was asked about."""
+
+    def __init__(self, oracle):
+        self.oracle, self.classes, self.seen = oracle, oracle.classes, []
+
+    def predict_proba(self, x):
+        self.seen.extend(x.clone())
+        return self.oracle.predict_proba(x)
+
+
+class Threshold:
+    """A box that answers `goal` once any pixel moved by at least `levels`/255, else the other class."""
+
+    def __init__(self, original, goal, levels, classes=("a", "b")):
+        self.original, self.goal, self.levels, self.classes = original, goal, levels, classes
+        self.queries = 0
+
+    def predict_proba(self, x):
+        self.queries += x.shape[0]
+        moved = (x - self.original).abs().flatten(1).max(1).values * 255 >= self.levels - 1e-3
+        index = torch.where(moved, self.goal, 1 - self.goal)
+        return torch.nn.functional.one_hot(index, 2).float()
+
+
+def check_properties(result: Explanation, image, before, oracle, queries_before, options):
     assert torch.equal(image, before), "the input image was mutated"
-    assert result.queries == oracle.queries - queries_before
-    assert result.queries <= max_queries
+    assert result.queries == oracle.queries - queries_before, "queries must equal the oracle's own count"
+    assert result.queries <= options.get("max_queries", 20)
     assert result.search_queries == result.queries - 1
-    assert result.adversarial.shape == image.shape
-    assert float(result.adversarial.min()) >= 0.0 and float(result.adversarial.max()) <= 1.0
+    assert result.adversarial.shape == image.shape and result.original.shape == image.shape
+    assert torch.equal(result.adversarial, quantise(result.adversarial)), "the returned image is 8-bit"
     if result.success:
-        assert int(oracle.predict_proba(result.adversarial[None]).argmax()) == label
-        assert result.final_prediction == label
-        assert torch.allclose(result.perturbation, result.adversarial - image)
+        assert result.failure_reason is None
+        assert int(oracle.predict_proba(result.adversarial[None]).argmax()) == result.target
+        assert result.final_prediction == result.target
+        assert torch.allclose(result.perturbation, result.adversarial - result.original)
         assert math.isclose(result.linf, float(result.perturbation.abs().max()), rel_tol=1e-6, abs_tol=1e-9)
+        assert result.linf <= options.get("max_linf", DEFAULT_MAX_LINF) + 1e-9
+        assert math.isclose(result.rms, float(result.perturbation.pow(2).mean().sqrt()), rel_tol=1e-5, abs_tol=1e-9)
     else:
-        assert result.perturbation is None and torch.equal(result.adversarial, image)
+        assert result.failure_reason in ("max_queries", "max_linf", "alpha", "no_gradient")
+        assert result.perturbation is None and torch.equal(result.adversarial, result.original)
+        assert result.l2 is None and result.linf is None and result.rms is None
 
 
-CASES = [(m, mode, lo) for m in METHODS for mode in ("whitebox", "blackbox") for lo in (False, True)]
-
-
-@pytest.mark.parametrize("method,mode,label_only", CASES)
-def test_properties_on_misclassified_images(setting, method, mode, label_only):
-    oracle = fresh_oracle(setting, label_only)
-    source = oracle if mode == "whitebox" else setting["surrogate"]
-    params = [(n, p.requires_grad) for n, p in setting["surrogate"].model.named_parameters()]
-    successes = 0
-    for i in setting["wrong"][:4]:
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("mode", ["whitebox", "blackbox", "blackbox-label-only"])
+def test_properties_on_misclassified_photos(setting, method, mode):
+    oracle = fresh_oracle(setting, label_only=mode.endswith("label-only"))
+    white = mode == "whitebox"
+    source = oracle if white else setting["surrogate"]
+    for i in setting["wrong"][:3]:
         image, label = image_of(setting, i)
-        before = image.clone()
+        before, start = image.clone(), oracle.queries
+        result = explain(image, label, source, oracle, method, whitebox=white, max_queries=20)
+        check_properties(result, image, before, oracle, start, {"max_queries": 20})
+        assert not result.already_correct and result.original_prediction != label and result.target == label
+
+
+def test_whitebox_default_always_explains_with_one_search_query(setting):
+    oracle = fresh_oracle(setting)
+    for i in setting["wrong"]:
+        image, label = image_of(setting, i)
+        result = explain(image, label, oracle, oracle, whitebox=True)
+        assert result.success, result.trace
+        assert result.search_queries == 1 and result.method == DEFAULT_METHOD
+
+
+def test_blackbox_default_explains_mistakes_of_a_label_only_box(setting):
+    # The tiny surrogate (32x32, trained on 10% for 8 epochs) transfers poorly, so only "some".
+    oracle = fresh_oracle(setting, label_only=True)
+    results = []
+    for i in setting["wrong"]:
+        image, label = image_of(setting, i)
         start = oracle.queries
-        result = explain(image, label, source, oracle, method, max_queries=20)
-        check_properties(result, image, before, label, oracle, start, 20)
-        assert not result.already_correct and result.original_prediction != label
-        successes += result.success
-    if mode == "whitebox" and method == DEFAULT_METHOD:
-        assert successes == 4
-    assert not setting["surrogate"].model.training
-    assert [(n, p.requires_grad) for n, p in setting["surrogate"].model.named_parameters()] == params
+        results.append(explain(image, label, setting["surrogate"], oracle))
+        check_properties(results[-1], image, image.clone(), oracle, start, {})
+    assert sum(r.success for r in results) >= 1, [(r.failure_reason, r.queries) for r in results]
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(index=st.integers(0, 7), method=st.sampled_from(sorted(METHODS)), max_queries=st.integers(1, 6),
-       blackbox=st.booleans(), noise_seed=st.integers(0, 2**16), noise=st.sampled_from([0.0, 0.003]))
-def test_budget_and_counts_hold_for_any_image(setting, index, method, max_queries, blackbox, noise_seed, noise):
+       max_linf=st.sampled_from([2 / 255, 8 / 255, 32 / 255, 1.0]), label_only=st.booleans(),
+       noise_seed=st.integers(0, 2**16), noise=st.sampled_from([0.0, 0.003]))
+def test_budget_bound_and_counts_hold_for_any_photo(setting, index, method, max_queries, max_linf, label_only,
+                                                    noise_seed, noise):
     image, label = image_of(setting, setting["wrong"][index])
-    if noise:  # off the 8-bit grid: the engine must still keep [0,1] and count exactly
+    if noise:  # off the 8-bit grid: the engine rounds, stays in [0,1] and counts exactly
         g = torch.Generator().manual_seed(noise_seed)
         image = (image + noise * torch.randn(image.shape, generator=g)).clamp(0, 1)
     before = image.clone()
-    oracle = fresh_oracle(setting, label_only=blackbox)
-    source = setting["surrogate"] if blackbox else oracle
-    result = explain(image, label, source, oracle, method, max_queries=max_queries)
-    check_properties(result, image, before, label, oracle, 0, max_queries)
-    if not result.success and not result.already_correct:
-        assert result.queries == max_queries or not result.budget_exhausted
+    oracle = fresh_oracle(setting, label_only=label_only)
+    options = {"max_queries": max_queries, "max_linf": max_linf}
+    result = explain(image, label, setting["surrogate"], oracle, method, **options)
+    check_properties(result, image, before, oracle, 0, options)
+    if result.failure_reason == "max_queries":
+        assert result.queries == max_queries
 
 
-def test_already_correct_costs_one_query(setting):
+def test_already_there_costs_one_query(setting):
     for method in METHODS:
         oracle = fresh_oracle(setting)
         image, label = image_of(setting, setting["right"][0])
         result = explain(image, label, setting["surrogate"], oracle, method)
         assert result.already_correct and result.success
         assert result.queries == 1 == oracle.queries and result.search_queries == 0
-        assert result.l2 == 0.0 and torch.equal(result.adversarial, image)
+        assert result.l2 == 0.0 and torch.equal(result.adversarial, result.original)
 
 
-def test_paper_follows_the_exact_epsilon_schedule(setting):
+def test_every_queried_image_is_8_bit_and_the_answer_is_the_accepted_one(setting):
+    for method in METHODS:
+        oracle = Recording(fresh_oracle(setting))
+        image, label = image_of(setting, setting["wrong"][1])
+        result = explain(image, label, setting["surrogate"], oracle, method, max_linf=1.0)
+        assert all(torch.equal(x, quantise(x)) for x in oracle.seen)
+        if result.success:
+            assert torch.equal(result.adversarial, oracle.seen[-1]) or any(
+                torch.equal(result.adversarial, x) for x in oracle.seen[1:])
+        else:
+            assert result.failure_reason is not None
+
+
+def test_paper_follows_the_exact_epsilon_schedule_on_rounded_candidates(setting):
     assert epsilon_schedule(2.0) == [k / 10 for k in range(1, 20)]
     assert epsilon_schedule(0.35) == [0.1, 0.2, 0.3]
     assert epsilon_schedule(0.1) == []
-    oracle = fresh_oracle(setting)
     image, label = image_of(setting, setting["wrong"][0])
-    # A gradient source pointing the wrong way (negated loss) never fixes the image: the whole
-    # schedule is tried, one query per eps, then NIL.
-    class Away:
-        classes = setting["surrogate"].classes
-        def logits(self, x):
-            return -setting["surrogate"].logits(x)
-        def predict_proba(self, x):
-            return torch.softmax(self.logits(x), 1)
-    gradient = loss_gradient(setting["surrogate"], image, label)
-    result = explain(image, label, Away(), oracle, "paper", alpha=0.75, max_queries=100)
+    surrogate = setting["surrogate"]
+    _, gradient = value_and_grad(lambda x: surrogate.loss(x, label), image[None])
+    # An oracle that never agrees: the whole schedule is tried, one 8-bit query per eps, in order.
+    never = Threshold(image, label, levels=10_000, classes=surrogate.classes)
+    result = explain(image, label, surrogate, never, "paper", alpha=0.75, max_queries=100, max_linf=1.0)
     tried = [step["epsilon"] for step in result.trace if "epsilon" in step]
-    assert tried[: len(tried)] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7][: len(tried)]
-    if not result.success:
-        assert tried == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7] and result.queries == 8
-    # And every candidate is x - eps * g with g at the ORIGINAL image (the real gradient here).
+    assert tried == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7] and result.queries == 8
+    assert not result.success and result.failure_reason == "alpha"
+    # An oracle that agrees with any change: the first eps whose ROUNDED candidate x - eps g (g at
+    # the ORIGINAL image) differs from x wins, and that rounded image is the answer.
+    always = Threshold(image, label, levels=1, classes=surrogate.classes)
+    result = explain(image, label, surrogate, always, "paper", max_linf=1.0, alpha=100.0, max_queries=1000)
+    first = next(k / 10 for k in range(1, 1000) if not torch.equal(quantise(image - k / 10 * gradient[0]), image))
+    assert result.success and result.epsilon == first
+    assert torch.equal(result.adversarial, quantise(image - first * gradient[0]))
+
+
+def test_a_larger_change_than_max_linf_is_a_failure(setting):
+    image, label = image_of(setting, setting["wrong"][0])
+    surrogate = setting["surrogate"]
+    for method in METHODS:
+        # The box agrees only with a change of 40 levels; max_linf allows 32: never a success.
+        box = Threshold(image, label, levels=40, classes=surrogate.classes)
+        result = explain(image, label, surrogate, box, method, max_linf=32 / 255, max_queries=50)
+        assert not result.success and result.failure_reason in ("max_linf", "alpha", "max_queries")
+        assert all(step.get("linf_255", 0) <= 32 for step in result.trace)
+
+
+@pytest.mark.parametrize("levels", [3, 9, 17])
+def test_refine_shrinks_the_change_to_what_the_box_needs(setting, levels):
+    image, label = image_of(setting, setting["wrong"][2])
+    surrogate = setting["surrogate"]
+    plain = explain(image, label, surrogate, Threshold(image, label, levels, surrogate.classes), max_linf=1.0)
+    box = Threshold(image, label, levels, surrogate.classes)
+    refined = explain(image, label, surrogate, box, max_linf=1.0, refine=8)
+    assert plain.success and refined.success
+    assert refined.queries == box.queries and refined.queries > plain.queries
+    assert round(refined.linf * 255) <= round(plain.linf * 255)
+    assert levels <= round(refined.linf * 255) <= levels + 1, refined.trace
+
+
+def test_target_other_than_the_label(setting):
+    image, label = image_of(setting, setting["right"][1])
     oracle = fresh_oracle(setting)
-    result = explain(image, label, setting["surrogate"], oracle, "paper", alpha=2.0)
-    if result.success:
-        expected = (image - result.epsilon * gradient).clamp(0, 1)
-        assert torch.allclose(result.adversarial, expected, atol=1e-6)
-        assert [s["epsilon"] for s in result.trace[1:]] == [k / 10 for k in range(1, len(result.trace))]
+    other = 1 - label
+    result = explain(image, label, oracle, oracle, target=other, whitebox=True)
+    assert result.success and not result.already_correct
+    assert result.label == label and result.target == other and result.final_prediction == other
+    assert int(oracle.predict_proba(result.adversarial[None]).argmax()) == other
+    d = result.to_dict()
+    assert d["target"] == other and d["label"] == label
 
 
-def test_default_method_queries_8_bit_images(setting):
-    oracle = fresh_oracle(setting)
-    image, label = image_of(setting, setting["wrong"][1])
-    result = explain(image, label, oracle, oracle)
-    assert result.success and result.method == DEFAULT_METHOD
-    assert torch.equal(result.adversarial, quantise(result.adversarial))
-    assert result.search_queries == 1
-
-
-def test_ensemble_gradient_is_the_sum_of_its_members(setting):
-    a, b = setting["surrogate"], setting["blackbox"]
+def test_ensemble_objectives_and_gradients_are_the_sums_of_its_members(setting, tiny_models):
+    a = setting["surrogate"]
+    b = LocalClassifier.from_checkpoint(tiny_models["blackbox"])
     image, label = image_of(setting, setting["wrong"][2])
     ensemble = EnsembleSurrogate([a, b])
-    assert torch.allclose(ensemble.loss_gradient(image, label),
-                          loss_gradient(a, image, label) + loss_gradient(b, image, label), atol=1e-6)
+    for objective in ("margin", "loss"):
+        value, grad = value_and_grad(lambda x: getattr(ensemble, objective)(x, label), image[None])
+        va, ga = value_and_grad(lambda x: getattr(a, objective)(x, label), image[None])
+        vb, gb = value_and_grad(lambda x: getattr(b, objective)(x, label), image[None])
+        assert torch.allclose(value, va + vb, atol=1e-5) and torch.allclose(grad, ga + gb, atol=1e-6)
     oracle = fresh_oracle(setting)
     result = explain(image, label, ensemble, oracle)
-    check_properties(result, image, image.clone(), label, oracle, 0, 20)
+    check_properties(result, image, image.clone(), oracle, 0, {})
+
+
+def test_no_side_effects_restores_training_mode_and_requires_grad(tiny_models):
+    model = LocalClassifier.from_checkpoint(tiny_models["surrogate"])
+    model.model.train()
+    flags = [p.requires_grad for p in model.model.parameters()]
+    with no_side_effects(model):
+        assert not model.model.training and not any(p.requires_grad for p in model.model.parameters())
+    assert model.model.training and [p.requires_grad for p in model.model.parameters()] == flags
+    with pytest.raises(RuntimeError), no_side_effects(model):
+        raise RuntimeError("a search failing half-way")
+    assert model.model.training and [p.requires_grad for p in model.model.parameters()] == flags
+
+
+def test_blackbox_search_is_seeded_and_whitebox_ignores_view_options(setting):
+    image, label = image_of(setting, setting["wrong"][3])
+    runs = [explain(image, label, setting["surrogate"], fresh_oracle(setting, True)) for _ in range(2)]
+    assert torch.equal(runs[0].adversarial, runs[1].adversarial) and runs[0].trace == runs[1].trace
+    results = []
+    for options in ({}, {"samples": 1}, {"samples": 16, "sigma": 0.2, "crop": 0.4}):
+        oracle = fresh_oracle(setting)
+        results.append(explain(image, label, oracle, oracle, whitebox=True, **options))
+    assert all(torch.equal(r.adversarial, results[0].adversarial) and r.trace == results[0].trace for r in results)
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"method": "nope"}, {"max_queries": 0}, {"max_queries": -3}, {"max_queries": 2.5}, {"alpha": float("nan")},
-    {"alpha": -1.0}, {"alpha": 0.0}, {"alpha": float("inf")}, {"margin": float("nan")}, {"margin": -1.0},
-    {"norm": "l7"}, {"bogus": 1},
+    {"method": "nope"}, {"max_queries": 0}, {"max_queries": -3}, {"max_queries": 2.5}, {"max_linf": 0},
+    {"max_linf": 1.5}, {"max_linf": float("nan")}, {"refine": -1}, {"method": "paper", "alpha": float("nan")},
+    {"method": "paper", "alpha": -1.0}, {"method": "paper", "alpha": 0.0}, {"method": "paper", "alpha": 101},
+    {"alpha": 2.0}, {"margin": float("nan")}, {"margin": -1.0}, {"norm": "l7"}, {"grid": 1}, {"samples": 0},
+    {"view_sizes": [64, 16]}, {"bogus": 1},
 ])
-def test_bad_parameters_raise_invalid_input(setting, kwargs):
+def test_bad_options_raise_invalid_input(setting, kwargs):
     image, label = image_of(setting, setting["wrong"][0])
     with pytest.raises(InvalidInput):
         explain(image, label, setting["surrogate"], fresh_oracle(setting), **kwargs)
 
 
-@pytest.mark.parametrize("bad", ["nan", "range", "shape", "label"])
+@pytest.mark.parametrize("bad", ["nan", "range", "shape", "label", "target", "bool-label"])
 def test_bad_images_and_labels_raise_invalid_input(setting, bad):
     image, label = image_of(setting, setting["wrong"][0])
+    target = None
     if bad == "nan":
-        image = image.clone(); image[0, 0, 0] = float("nan")
+        image = image.clone()
+        image[0, 0, 0] = float("nan")
     elif bad == "range":
         image = image + 1.5
     elif bad == "shape":
         image = image[None]
-    else:
+    elif bad == "label":
         label = 7
+    elif bad == "target":
+        target = -1
+    else:
+        label = True
     with pytest.raises(InvalidInput):
-        explain(image, label, setting["surrogate"], fresh_oracle(setting))
+        explain(image, label, setting["surrogate"], fresh_oracle(setting), target=target)
 
 
 def test_to_dict_is_json_safe(setting):
-    import json
     image, label = image_of(setting, setting["wrong"][0])
     result = explain(image, label, setting["surrogate"], fresh_oracle(setting))
     d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert d["queries"] == result.queries and d["search_queries"] == result.queries - 1
+    assert d["size"] == [WIDTH, HEIGHT]
 
 
-def test_margin_smooths_surrogate_gradients_only(setting):
-    from advexplain.shared.explain.base import BudgetedOracle, Search, margin_and_gradient
-    image, label = image_of(setting, setting["wrong"][3])
-    surrogate, method = setting["surrogate"], METHODS["margin"]
-    # Black-box: the gradient is averaged over seeded noisy copies; the margin itself is exact.
-    s = Search(image, label, surrogate, BudgetedOracle(fresh_oracle(setting), 20), 2.0, method.validate_options({}))
-    exact_value, exact_grad = margin_and_gradient(surrogate, image, label)
-    value, grad = method._margin_and_gradient(s, image, torch.Generator().manual_seed(0))
-    assert value == exact_value and not torch.allclose(grad, exact_grad)
-    assert torch.equal(method._margin_and_gradient(s, image, None)[1], exact_grad)
-    # Seeded, so a black-box explanation is reproducible, and it stays within the budget.
-    runs = [explain(image, label, surrogate, fresh_oracle(setting, True), max_queries=20) for _ in range(2)]
-    assert torch.equal(runs[0].adversarial, runs[1].adversarial) and runs[0].queries == runs[1].queries <= 20
-    # White-box keeps the exact gradient: the smoothing options change nothing.
-    results = []
-    for options in ({}, {"smooth": 0}, {"smooth": 8, "sigma": 0.2}):
-        oracle = fresh_oracle(setting)
-        results.append(explain(image, label, oracle, oracle, **options))
-    assert all(torch.equal(r.adversarial, results[0].adversarial) and r.trace == results[0].trace for r in results)
+@given(first=st.floats(1 / 255, 1.0), growth=st.floats(1.0, 4.0), cap=st.floats(1 / 255, 1.0))
+def test_budget_schedule_grows_to_the_cap(first, growth, cap):
+    budgets = budget_schedule(first, growth, cap)
+    assert budgets[-1] == cap and all(b <= cap for b in budgets)
+    assert all(x < y for x, y in zip(budgets, budgets[1:]))
+
+
+@given(h=st.integers(2, 40), w=st.integers(2, 40), gh=st.integers(2, 12), gw=st.integers(2, 12),
+       seed=st.integers(0, 1000))
+def test_upsampled_change_never_exceeds_its_grid(h, w, gh, gw, seed):
+    z = torch.randn(3, gh, gw, generator=torch.Generator().manual_seed(seed))
+    out = upsample(z, h, w)
+    assert out.shape == (3, h, w) and float(out.abs().max()) <= float(z.abs().max()) + 1e-6

@@ -16,7 +16,8 @@ from advexplain.services.blackbox.settings import BlackboxSettings
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from advexplain.shared.protocols import Classifier
-from advexplain.shared.remote import RemoteClassifier, encode_png
+from advexplain.shared.pixels import encode_png
+from advexplain.shared.remote import NO_HEALTH_ENDPOINT, NOT_READY, READY, UNREACHABLE, RemoteClassifier
 
 CLASSES = ("defective", "functional")
 
@@ -53,8 +54,8 @@ def test_matches_the_model_on_what_it_sent_and_counts_like_the_box(box, referenc
     x = batch(6)
     before = x.clone()
     with box() as http:
-        remote = RemoteClassifier("http://testserver", client=http, client_id="explainer-test")
-        assert remote.classes == CLASSES
+        remote = RemoteClassifier("http://testserver", CLASSES, client=http, client_id="explainer-test")
+        assert remote.classes == CLASSES and remote.health() == (READY, "ready")
         assert remote.queries == 0 and http.app.state.blackbox.counter.total == 0  # /healthz counts nothing
         probs = remote.predict_proba(x)
         counted = http.app.state.blackbox.counter.of("explainer-test")
@@ -80,7 +81,7 @@ def test_batches_are_chunked_at_max_images_and_keep_order(box, reference):
             return original(method, url, **kw)
 
         http.request = spy
-        remote = RemoteClassifier("http://testserver", client=http)
+        remote = RemoteClassifier("http://testserver", CLASSES, client=http)
         probs = remote.predict_proba(x)
     assert posts == [3, 3, 1]
     assert torch.allclose(probs, reference.predict_proba(quantised(x)), atol=1e-6)
@@ -90,7 +91,7 @@ def test_batches_are_chunked_at_max_images_and_keep_order(box, reference):
 def test_label_only_box_gives_one_hot_rows(box, reference):
     x = batch(5, seed=2)
     with box(output="label") as http:
-        remote = RemoteClassifier("http://testserver", client=http)
+        remote = RemoteClassifier("http://testserver", CLASSES, client=http)
         probs = remote.predict_proba(x)
         assert remote.classes == CLASSES
     assert set(probs.flatten().tolist()) <= {0.0, 1.0} and torch.equal(probs.sum(1), torch.ones(5))
@@ -99,7 +100,7 @@ def test_label_only_box_gives_one_hot_rows(box, reference):
 
 def test_grey_images_and_bad_shapes(box, reference):
     with box() as http:
-        remote = RemoteClassifier("http://testserver", client=http)
+        remote = RemoteClassifier("http://testserver", CLASSES, client=http)
         grey = batch(3, seed=3, channels=1)
         probs = remote.predict_proba(grey)
         assert torch.allclose(probs, reference.predict_proba(quantised(grey).expand(-1, 3, -1, -1)), atol=1e-6)
@@ -120,15 +121,18 @@ def test_png_encoding_is_lossless_at_8_bits():
 
 # ------------------------------------------------------------ fakes
 
-def fake(handler) -> RemoteClassifier:
-    """A RemoteClassifier whose /healthz is fine and whose /predict is `handler`."""
+def fake(handler, health: bool = True) -> RemoteClassifier:
+    """A RemoteClassifier whose /predict is `handler`; with `health`, a /healthz that allows 64 images
+    a request, else none at all (404), like a box that offers /predict only."""
 
     def route(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/healthz":
-            return httpx.Response(200, json={"status": "ready", "classes": list(CLASSES), "max_images": 64})
+            if health:
+                return httpx.Response(200, json={"status": "ready", "max_images": 64})
+            return httpx.Response(404, json={"detail": "Not Found"})
         return handler(request)
 
-    return RemoteClassifier("http://fake", client=httpx.Client(transport=httpx.MockTransport(route)))
+    return RemoteClassifier("http://fake", CLASSES, client=httpx.Client(transport=httpx.MockTransport(route)))
 
 
 def ok_body(n: int, **override) -> dict:
@@ -145,7 +149,8 @@ def ok_body(n: int, **override) -> dict:
     (httpx.Response(200, json=[1, 2]), UpstreamBadResponse),
     (httpx.Response(200, json=ok_body(1)), UpstreamBadResponse),  # 1 prediction for 2 images
     (httpx.Response(200, json=ok_body(2, label="cat")), UpstreamBadResponse),
-    (httpx.Response(200, json=ok_body(2, index=5)), UpstreamBadResponse),
+    (httpx.Response(200, json=ok_body(2, label="defective")), UpstreamBadResponse),  # not its most probable class
+    (httpx.Response(200, json={"predictions": [{"label": "functional"}] * 2}), UpstreamBadResponse),  # no index
     (httpx.Response(200, json=ok_body(2, probabilities={"defective": 0.9, "functional": 0.9})), UpstreamBadResponse),
     (httpx.Response(200, json=ok_body(2, probabilities={"a": 0.5, "b": 0.5})), UpstreamBadResponse),
 ])
@@ -169,10 +174,52 @@ def test_a_good_fake_answer_is_parsed():
     assert remote.queries == 2 and remote.last_query_count == 41 and seen == ["advexplain-explainer"]
 
 
-def test_healthz_without_classes_is_a_bad_response():
-    client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"status": "ready"})))
-    with pytest.raises(UpstreamBadResponse):
-        RemoteClassifier("http://fake", client=client).classes
+def test_a_box_with_predict_only_works_one_image_a_request_and_maps_labels_by_name():
+    """No /healthz, no class list, another class order, no `queries` field: only its labels count."""
+    posts = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request.content.count(b'name="image"'))
+        # Its own index order is the reverse of ours; label names are what a client trusts.
+        return httpx.Response(200, json={"predictions": [{"label": "defective", "index": 1}]})
+
+    remote = fake(handler, health=False)
+    assert remote.health()[0] == NO_HEALTH_ENDPOINT
+    probs = remote.predict_proba(batch(3))
+    assert posts == [1, 1, 1] and remote.max_images == 1
+    assert torch.equal(probs, torch.tensor([[1.0, 0.0]] * 3)) and remote.queries == 3
+
+
+def test_a_label_outside_the_classes_is_a_clear_bad_response():
+    remote = fake(lambda r: httpx.Response(200, json={"predictions": [{"label": "cat", "index": 0}]}), health=False)
+    with pytest.raises(UpstreamBadResponse, match="not one of the classes"):
+        remote.predict_proba(batch(1))
+    assert remote.queries == 0
+
+
+def test_files_are_sent_as_they_are(box, reference):
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 30), (200, 10, 10)).save(buf, format="JPEG")
+    with box() as http:
+        remote = RemoteClassifier("http://testserver", CLASSES, client=http)
+        probs = remote.predict_files([buf.getvalue()])
+    assert probs.shape == (1, 2) and remote.queries == 1
+
+
+@pytest.mark.parametrize("status,state", [(200, READY), (404, NO_HEALTH_ENDPOINT), (405, NO_HEALTH_ENDPOINT),
+                                          (503, NOT_READY), (500, NOT_READY)])
+def test_health_states(status, state):
+    client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(status, json={})))
+    assert RemoteClassifier("http://fake", CLASSES, client=client).health()[0] == state
+
+
+def test_class_names_are_required_and_distinct():
+    for bad in ((), ("a",), ("a", "a"), ("a", "")):
+        with pytest.raises(InvalidInput):
+            RemoteClassifier("http://fake", bad)
 
 
 def unused_port() -> int:
@@ -194,11 +241,13 @@ def test_refused_connection_is_unavailable_after_the_transports_retries(monkeypa
 
     monkeypatch.setattr(sync_backend.socket, "create_connection", counting)
     port = unused_port()
-    with RemoteClassifier(f"http://127.0.0.1:{port}", connect_retries=retries, timeout=2) as remote:
+    with RemoteClassifier(f"http://127.0.0.1:{port}", CLASSES, connect_retries=retries, timeout=2,
+                          max_images=1) as remote:
+        assert remote.health()[0] == UNREACHABLE
         with pytest.raises(UpstreamUnavailable):
             remote.predict_proba(batch(1))
     # The retries configured on the constructor reached the transport that made the connections.
-    assert len(attempts) == retries + 1 and all(a == ("127.0.0.1", port) for a in attempts)
+    assert len(attempts) == 2 * (retries + 1) and all(a == ("127.0.0.1", port) for a in attempts)
 
 
 def test_a_hanging_server_times_out_and_is_not_retried():
@@ -221,9 +270,10 @@ def test_a_hanging_server_times_out_and_is_not_retried():
     thread.start()
     try:
         started = time.perf_counter()
-        with RemoteClassifier(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=0.5, connect_retries=2) as remote:
+        with RemoteClassifier(f"http://127.0.0.1:{server.getsockname()[1]}", CLASSES, timeout=0.5, connect_retries=2,
+                              max_images=1) as remote:
             with pytest.raises(UpstreamTimeout):
-                remote.classes
+                remote.predict_proba(batch(1))
         assert time.perf_counter() - started < 5
         assert len(accepted) == 1
     finally:
@@ -236,10 +286,10 @@ def test_a_hanging_server_times_out_and_is_not_retried():
 
 def test_injected_client_is_not_closed_but_an_owned_one_is():
     injected = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})))
-    RemoteClassifier("http://fake", client=injected).close()
+    RemoteClassifier("http://fake", CLASSES, client=injected).close()
     assert not injected.is_closed
-    owned = RemoteClassifier("http://127.0.0.1:9")
+    owned = RemoteClassifier("http://127.0.0.1:9", CLASSES)
     owned.close()
     assert owned._client.is_closed
     with pytest.raises(ValueError):
-        RemoteClassifier("http://fake", connect_retries=-1)
+        RemoteClassifier("http://fake", CLASSES, connect_retries=-1)

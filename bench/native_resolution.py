@@ -1,0 +1,330 @@
+"""Explaining mistakes on photos at their own size, against boxes whose input geometry the explainer does not know.
+
+Boxes (`--box`), each with the gradient-faces or elpv surrogate the explainer would host:
+  thirdparty  bench/third_party_box.py on gender faces: another architecture, a 32x32 input
+              reached by resize-shorter-side + centre crop, ImageNet normalisation, another
+              training split; ONNX under onnxruntime, label-only. Surrogate: models-faces/surrogate.
+  faces       our gender-faces CPU black box (64x64 squash), label-only; same surrogate.
+  elpv        our built-in elpv CPU black box, label-only; surrogate models/surrogate.
+
+Every photo is explained at its own resolution (faces about 80x105, elpv 300x300): the first
+prediction, every query and every norm are at that size. For each method setting it reports
+success (the box agrees AND the change is within max_linf), mean and median search queries,
+median and 90th-percentile L-inf (in 8-bit levels, over successes), median RMS change, seconds per
+explanation (and per failure), and, with --maps, deletion AUC of our map against Captum's maps on
+the same box's network (lower = the map ranks first the pixels behind the mistake).
+
+    flock /tmp/advexplain-cpu.lock python -m bench.native_resolution --box thirdparty --split validation --maps
+    python -m bench.native_resolution --box faces --split train --limit 60 --set grid=16 --set samples=4
+
+Tune on `--split train` (images of the training split the box gets wrong); report on validation.
+"""
+
+from __future__ import annotations
+
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from advexplain.shared.checkpoints import load_checkpoint
+from advexplain.shared.classifiers import LocalClassifier, fit_to_size
+from advexplain.shared.explain import explain, method_options
+from advexplain.shared.data import load_photos
+from advexplain.shared.pixels import quantise
+from advexplain.shared.saliency import pixel_magnitude, saliency_map
+from bench.common import RESULTS, auc, fmt, markdown_table, rank_order, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+FRACTIONS = [i / 32 for i in range(33)]
+
+
+@dataclass
+class Setup:
+    """The box (oracle, counts), the surrogate, the misclassified photos and evaluation-only views of the box."""
+
+    name: str
+    oracle: object
+    surrogate: LocalClassifier
+    photos: list[torch.Tensor]                  # (3, H, W) float [0, 1] on the 8-bit grid, own sizes
+    labels: list[int]
+    mistaken: list[int]                         # the box's (wrong) prediction
+    paths: list[str]
+    probabilities: Callable[[torch.Tensor], torch.Tensor]   # (N, 3, H, W) -> (N, K), not counted
+    network_for: Callable[[int, int], torch.nn.Module]      # (H, W) -> differentiable box on that size
+    gradcam_layer: Callable[[torch.nn.Module], torch.nn.Module]
+    whitebox_source: object = None              # the box's own network as a GradientSource (ours only)
+    meta: dict = field(default_factory=dict)
+
+
+def _photos(data: str, split: str):
+    photos = load_photos(data, split)
+    return [photos.image(i) for i in range(len(photos))], photos.labels, photos.classes, photos.paths
+
+
+def _screen(setup_probs, photos, labels, limit):
+    """Indices of the photos the box gets wrong (evaluation bookkeeping: not counted as queries)."""
+    wrong, predicted = [], []
+    for i, (x, y) in enumerate(zip(photos, labels)):
+        p = int(setup_probs(x.unsqueeze(0)).argmax(1))
+        if p != y:
+            wrong.append(i)
+            predicted.append(p)
+    misclassified = len(wrong)
+    if limit:
+        wrong, predicted = wrong[:limit], predicted[:limit]
+    return wrong, predicted, misclassified
+
+
+def load_setup(args) -> Setup:
+    faces = args.data or os.environ.get("ADVEXPLAIN_FACES")
+    if args.box in ("thirdparty", "faces") and not faces:
+        raise SystemExit("no faces data: pass --data or set ADVEXPLAIN_FACES")
+    if args.box == "thirdparty":
+        from bench.third_party_box import LocalThirdPartyBox, ThirdPartyBox, torch_view
+
+        folder = args.thirdparty
+        box = ThirdPartyBox.load(folder)
+        oracle = LocalThirdPartyBox(box)
+        surrogate = LocalClassifier.from_checkpoint(args.surrogate or ROOT / "models-faces" / "surrogate")
+
+        def probabilities(x):
+            from PIL import Image
+            arrays = quantise(x).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            return torch.softmax(torch.from_numpy(box.logits([Image.fromarray(a) for a in arrays])), 1)
+
+        network_for = lambda h, w: torch_view(folder, h, w)  # noqa: E731
+        gradcam_layer = lambda net: net.net[5]  # noqa: E731  (the last residual stage)
+        data, record = faces, json.loads((folder / "box.json").read_text())
+        meta = {"box": "third-party (bench/third_party_box.py)", "box_val_accuracy": record["val_accuracy"],
+                "box_input": "shorter side 36 (Pillow bicubic), centre crop 32x32, ImageNet normalisation"}
+    else:
+        models = ROOT / ("models-faces" if args.box == "faces" else "models")
+        bb = load_checkpoint(args.blackbox or models / "blackbox")
+        network = LocalClassifier(bb.model, bb.classes)
+        oracle = LocalClassifier(bb.model, bb.classes, label_only=True)
+        surrogate = LocalClassifier.from_checkpoint(args.surrogate or models / "surrogate")
+
+        @torch.no_grad()
+        def probabilities(x):
+            return torch.softmax(network.logits(quantise(x)), 1)
+
+        class Squash(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = bb.model
+
+            def forward(self, x):
+                return self.model(fit_to_size(x, bb.meta.image_size))
+
+        network_for = lambda h, w: Squash().eval()  # noqa: E731
+        gradcam_layer = lambda net: net.model.features[-1]  # noqa: E731
+        data = faces if args.box == "faces" else "elpv"
+        meta = {"box": f"our {args.box} black box (label-only)", "box_val_accuracy": bb.meta.metrics.get("val_accuracy"),
+                "box_input": f"{bb.meta.image_size}x{bb.meta.image_size} squash (bilinear, antialiased)"}
+    photos, labels, classes, paths = _photos(data, args.split)
+    if tuple(classes) != tuple(surrogate.classes):
+        raise SystemExit(f"data classes {classes} are not the surrogate's {surrogate.classes}")
+    wrong, predicted, misclassified = _screen(probabilities, photos, labels, args.limit)
+    sizes = [tuple(photos[i].shape[-2:]) for i in wrong]
+    meta.update({"data": str(data), "split": args.split, "images_in_split": len(photos), "misclassified": misclassified,
+                 "images_used": len(wrong), "surrogate_input": surrogate.image_size,
+                 "surrogate_val_accuracy": load_checkpoint(args.surrogate or (ROOT / ("models" if args.box == "elpv" else "models-faces") / "surrogate")).meta.metrics.get("val_accuracy"),
+                 "median_photo_size_hw": [float(np.median([s[0] for s in sizes])), float(np.median([s[1] for s in sizes]))] if sizes else None})
+    return Setup(args.box, oracle, surrogate, [photos[i] for i in wrong], [labels[i] for i in wrong], predicted,
+                 [paths[i] for i in wrong], probabilities, network_for, gradcam_layer,
+                 whitebox_source=None if args.box == "thirdparty" else network, meta=meta)
+
+
+# -- our method -------------------------------------------------------------------------------------
+
+def run_method(setup: Setup, method: str, options: dict, whitebox: bool = False):
+    """Explain every photo; white-box mode takes the box's own network as the gradient source."""
+    source = setup.whitebox_source if whitebox else setup.surrogate
+    out = []
+    for x, y in zip(setup.photos, setup.labels):
+        before = setup.oracle.queries
+        r = explain(x, y, source, setup.oracle, method, whitebox=whitebox, **options)
+        assert setup.oracle.queries - before == r.queries, "queries must equal the box's own count"
+        out.append(r)
+    return out
+
+
+def summary(results) -> dict:
+    ok = [r for r in results if r.success and not r.already_correct]
+    kept = [float((saliency_map(r.perturbation) > 0).float().mean()) for r in ok]
+    failed = [r for r in results if not r.success]
+    linf = np.array([r.linf * 255 for r in ok]) if ok else np.array([])
+    pct = lambda a, q: float(np.percentile(a, q)) if len(a) else None  # noqa: E731
+    return {
+        "images": len(results),
+        "success_rate": sum(r.success for r in results) / len(results) if results else None,
+        "mean_search_queries": float(np.mean([r.search_queries for r in results])) if results else None,
+        "median_search_queries": pct(np.array([r.search_queries for r in results]), 50),
+        "median_linf_255": pct(linf, 50),
+        "p90_linf_255": pct(linf, 90),
+        "max_linf_255": float(linf.max()) if len(linf) else None,
+        "median_l2": pct(np.array([r.l2 for r in ok]), 50),
+        "median_rms_255": pct(np.array([r.rms * 255 for r in ok]), 50),
+        "seconds_per_explanation": float(np.mean([r.seconds for r in results])) if results else None,
+        "seconds_per_failure": float(np.mean([r.seconds for r in failed])) if failed else None,
+        "max_seconds_failure": float(max(r.seconds for r in failed)) if failed else None,
+        "failure_reasons": {k: sum(r.failure_reason == k for r in failed) for k in {r.failure_reason for r in failed}},
+        # Algorithm 2 (single mode, default tau and beta): the share of pixels each map keeps, and how
+        # many successes get an empty map (a change so even that no pixel stands out).
+        "mean_kept_share": float(np.mean(kept)) if kept else None,
+        "empty_maps": sum(k == 0 for k in kept),
+    }
+
+
+# -- maps and deletion AUC -----------------------------------------------------------------------
+
+def captum_maps(setup: Setup, which: list[str]) -> dict[str, list[torch.Tensor]]:
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
+
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in which}
+    for x, y in zip(setup.photos, setup.labels):
+        h, w = x.shape[-2:]
+        net = setup.network_for(h, w)
+        inp = x.unsqueeze(0).clone().requires_grad_(True)
+        norm = lambda a: a.detach()[0].abs().pow(2).sum(0).sqrt()  # noqa: E731  (Algorithm 2's reduction)
+        if "Saliency" in which:
+            out["Saliency"].append(norm(Saliency(net).attribute(inp, target=y, abs=True)))
+        if "Integrated Gradients" in which:
+            out["Integrated Gradients"].append(norm(IntegratedGradients(net).attribute(
+                inp, baselines=torch.zeros_like(inp), target=y, n_steps=32, internal_batch_size=32)))
+        if "GradCAM" in which:
+            cam = LayerGradCam(net, setup.gradcam_layer(net)).attribute(inp, target=y, relu_attributions=True)
+            out["GradCAM"].append(LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear").detach()[0, 0])
+        if "Occlusion" in which:
+            window, stride = max(4, round(min(h, w) / 12)), max(2, round(min(h, w) / 24))
+            out["Occlusion"].append(norm(Occlusion(net).attribute(
+                x.unsqueeze(0), target=y, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+                baselines=0.0, perturbations_per_eval=64)))
+    return out
+
+
+def blend(start: torch.Tensor, end: torch.Tensor, saliency: torch.Tensor, seed: int) -> torch.Tensor:
+    """(len(FRACTIONS), C, H, W): `start` with its top-f pixels (by the map) taken from `end`."""
+    order = rank_order(saliency, seed)
+    n = order.numel()
+    out = start.unsqueeze(0).repeat(len(FRACTIONS), 1, 1, 1)
+    flat_out, flat_end = out.flatten(2), end.flatten(1)
+    for row, f in enumerate(FRACTIONS):
+        k = int(round(f * n))
+        if k:
+            flat_out[row][:, order[:k]] = flat_end[:, order[:k]]
+    return flat_out.view_as(out)
+
+
+def deletion_aucs(setup: Setup, maps: list[torch.Tensor], seed: int) -> list[float]:
+    """Per image: area under P(mistaken class) as the top-k% pixels are replaced by a blurred copy."""
+    out = []
+    for i, (x, mistaken, m) in enumerate(zip(setup.photos, setup.mistaken, maps)):
+        blurred = gaussian_blur(x, kernel_size=[11, 11], sigma=[5.0, 5.0])
+        curve = setup.probabilities(blend(x, blurred, m, seed + i))[:, mistaken]
+        out.append(auc(FRACTIONS, curve.tolist()))
+    return out
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key] = json.loads(value) if value not in ("None", "none") else None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--box", choices=("thirdparty", "faces", "elpv"), required=True)
+    p.add_argument("--data", default=None, help="gender-faces folder (default: $ADVEXPLAIN_FACES)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--thirdparty", type=Path, default=ROOT / "models-thirdparty")
+    p.add_argument("--blackbox", type=Path, default=None)
+    p.add_argument("--surrogate", type=Path, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--method", action="append", default=None,
+                   help="[whitebox-]method[:key=value;...] to run (repeatable; whitebox- takes the box's own "
+                        "gradients, for our boxes); default: margin, margin-linf, paper, paper unbounded")
+    p.add_argument("--set", action="append", default=[], help="key=value option for every method run (JSON value)")
+    p.add_argument("--maps", action="store_true", help="also deletion AUC of our maps against Captum's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+
+    started = time.perf_counter()
+    setup = load_setup(args)
+    common_options = parse_sets(args.set)
+    specs = args.method or ["margin", "margin-linf", "paper", "paper:max_linf=1.0"]
+    rows, runs = [], {}
+    for spec in specs:
+        method, _, extra = spec.partition(":")
+        white = method.startswith("whitebox-")
+        method = method.removeprefix("whitebox-")
+        options = {**common_options, **parse_sets([kv for kv in extra.split(";") if kv])}
+        resolved = method_options(method, **options).model_dump()
+        results = run_method(setup, method, options, whitebox=white)
+        s = summary(results)
+        runs[spec] = {"method": method, "mode": "whitebox" if white else "blackbox", "options": resolved, "summary": s,
+                      "rows": [r.to_dict() | {"path": path}
+                               for r, path in zip(results, setup.paths)],
+                      "_results": results}
+        rows.append([spec, s["images"], fmt(s["success_rate"], ".1%"), fmt(s["mean_search_queries"], ".2f"),
+                     fmt(s["median_search_queries"], ".0f"), fmt(s["median_linf_255"], ".1f"), fmt(s["p90_linf_255"], ".1f"),
+                     fmt(s["median_rms_255"], ".2f"), fmt(s["seconds_per_explanation"], ".3f"),
+                     fmt(s["seconds_per_failure"], ".2f"), fmt(s["mean_kept_share"], ".1%"), s["empty_maps"]])
+        print(rows[-1], flush=True)
+    table = markdown_table(["method", "images", "success", "mean search q", "median search q", "median L-inf /255",
+                            "p90 L-inf /255", "median RMS /255", "s / expl.", "s / failure", "map keeps",
+                            "empty maps"], rows)
+    print(table)
+
+    maps_table, map_scores = None, {}
+    if args.maps:
+        maps: dict[str, list[torch.Tensor]] = {}
+        for spec, run in runs.items():
+            maps[f"ours: {spec}"] = [pixel_magnitude(r.perturbation) if r.success and r.perturbation is not None
+                                     else torch.zeros(x.shape[-2:]) for r, x in zip(run["_results"], setup.photos)]
+        maps.update(captum_maps(setup, ["Saliency", "Integrated Gradients", "GradCAM", "Occlusion"]))
+        g = torch.Generator().manual_seed(args.seed)
+        maps["random"] = [torch.rand(x.shape[-2:], generator=g) for x in setup.photos]
+        for name, per_image in maps.items():
+            scores = deletion_aucs(setup, per_image, args.seed)
+            map_scores[name] = {"deletion_auc": float(np.mean(scores)), "per_image": scores}
+        maps_table = markdown_table(["map", "deletion AUC (lower = better)"],
+                                    [[name, fmt(v["deletion_auc"], ".4f")] for name, v in map_scores.items()])
+        print(maps_table)
+
+    for run in runs.values():
+        run.pop("_results")
+    out = args.out or RESULTS / f"native_resolution_{args.box}_{args.split}.json"
+    write_json(out, {
+        "benchmark": "native_resolution", "box": args.box,
+        "config": {**setup.meta, "seed": args.seed, "limit": args.limit, "set": common_options,
+                   "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                   "torch": torch.__version__, "machine": platform.machine(),
+                   "wall_seconds": time.perf_counter() - started,
+                   "deletion_protocol": "replace the top-k% pixels (by the map) with a Gaussian-blurred copy "
+                                        "(kernel 11, sigma 5), k = 0..100% in 32 steps; area under the box's "
+                                        "P(mistaken class); Captum maps target the true class on the box's network"},
+        "table": table, "maps_table": maps_table, "runs": runs, "maps": map_scores})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
