@@ -112,6 +112,7 @@ def test_bad_tensors_are_400_and_count_nothing(oip_blackbox, tensor, why):
 def test_metrics_carry_kserve_and_our_counters(oip_blackbox):
     text = httpx.get(f"{oip_blackbox.url}/metrics", timeout=10).text
     assert "blackbox_queries_all_total" in text and "request_predict_seconds" in text
+    assert "blackbox_request_duration_seconds" not in text  # KServe's own latency metrics stand instead
 
 
 # -- a third-party-style model: ONNX, UINT8 NHWC, logits ---------------------------------------
