@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from advexplain.shared.errors import CheckpointError
-from advexplain.shared.models import ModelConfig, PaperCNN, build_model
+from advexplain.shared.models import ModelConfig, PaperCNN
 
 FORMAT = "advexplain-checkpoint"
 FORMAT_VERSION = 1
@@ -99,11 +99,8 @@ def library_versions() -> dict[str, str]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def save_checkpoint(
@@ -168,7 +165,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {exc}") from exc
-    model = build_model(meta.architecture)
+    model = PaperCNN(meta.architecture)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

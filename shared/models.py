@@ -93,9 +93,5 @@ class PaperCNN(nn.Module):
         return self.classifier(self.features((x - self.mean) / self.std))
 
 
-def build_model(config: ModelConfig) -> PaperCNN:
-    return PaperCNN(config)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from advexplain.shared.checkpoints import TrainingRecord
 from advexplain.shared.data import ImageSet
 from advexplain.shared.errors import TrainingCollapsed
-from advexplain.shared.models import ModelConfig, PaperCNN, build_model
+from advexplain.shared.models import ModelConfig, PaperCNN
 
 # Collapse rules (see check_collapse): one class takes at least COLLAPSE_SHARE of the validation
 # predictions while it is not nearly as common in the labels, or the balanced accuracy gets less
@@ -161,7 +161,7 @@ def train_model(
     """
     device = torch.device(device)
     torch.manual_seed(seed)
-    model = build_model(config).to(device)
+    model = PaperCNN(config).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict] = []

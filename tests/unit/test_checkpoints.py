@@ -12,13 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from advexplain.shared.checkpoints import load_checkpoint, read_meta, save_checkpoint, TrainingRecord
 from advexplain.shared.errors import CheckpointError
-from advexplain.shared.models import ModelConfig, build_model
+from advexplain.shared.models import ModelConfig, PaperCNN
 
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(3)
-    model = build_model(ModelConfig(architecture="surrogate", image_size=32, width=0.0625)).eval()
+    model = PaperCNN(ModelConfig(architecture="surrogate", image_size=32, width=0.0625)).eval()
     record = TrainingRecord(seed=3, epochs=0, batch_size=64, lr=1e-3, device="cpu", seconds=0.0)
     return save_checkpoint(tmp_path / "ckpt", model, kind="surrogate", classes=("cat", "dog"), data={"spec": "test"},
                            training=record, metrics={"val_accuracy": 0.5})

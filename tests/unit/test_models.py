@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advexplain.shared.models import MIN_FC_UNITS, ModelConfig, build_model, count_parameters
+from advexplain.shared.models import MIN_FC_UNITS, ModelConfig, PaperCNN, count_parameters
 
 
 def test_paper_width_matches_the_paper():
@@ -17,7 +17,7 @@ def test_paper_width_matches_the_paper():
     sur = ModelConfig(architecture="surrogate")
     assert sur.conv_channels == (64, 256, 512)
     assert sur.fc_units == (1024, 256, 32)
-    model = build_model(bb)
+    model = PaperCNN(bb)
     linears = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [2048, 1024, 512, 128, 32, 2]
     assert linears[0].in_features == 512 * 6 * 6  # 100 -> 50 -> 25 -> 12 -> 6
@@ -33,15 +33,15 @@ def test_paper_width_matches_the_paper():
 )
 def test_output_shape(architecture, image_size, width, num_classes, batch):
     config = ModelConfig(architecture=architecture, image_size=image_size, width=width, num_classes=num_classes)
-    model = build_model(config).eval()
+    model = PaperCNN(config).eval()
     out = model(torch.rand(batch, 3, image_size, image_size))
     assert out.shape == (batch, num_classes)
     assert all(u >= MIN_FC_UNITS for u in config.fc_units)
 
 
 def test_width_shrinks_parameters():
-    small = count_parameters(build_model(ModelConfig(architecture="blackbox", image_size=64, width=0.125)))
-    large = count_parameters(build_model(ModelConfig(architecture="blackbox", image_size=64, width=0.5)))
+    small = count_parameters(PaperCNN(ModelConfig(architecture="blackbox", image_size=64, width=0.125)))
+    large = count_parameters(PaperCNN(ModelConfig(architecture="blackbox", image_size=64, width=0.5)))
     assert small * 4 < large
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from advexplain.shared.data import ELPV4_CLASSES, ImageSet
 from advexplain.shared.errors import TrainingCollapsed
-from advexplain.shared.models import ModelConfig, build_model
+from advexplain.shared.models import ModelConfig, PaperCNN
 from advexplain.shared.training import balanced_accuracy, check_collapse, class_accuracy, predict, train_model
 
 
@@ -109,7 +109,7 @@ def test_constant_predictor_collapses_iff_labels_hold_two_classes(labels, consta
 def test_majority_only_four_class_model_collapses():
     """A network forced to answer the majority class: caught, and so is a near-constant one under 98%."""
     val = four_class_set()
-    model = build_model(CONFIG.model_copy(update={"num_classes": 4})).eval()
+    model = PaperCNN(CONFIG.model_copy(update={"num_classes": 4})).eval()
     with torch.no_grad():
         head = model.classifier[-1]
         head.weight.zero_()
