@@ -20,32 +20,34 @@ from advexplain.launch import wait_healthy
 
 
 def write_samples(blackbox: Path, out: Path, count: int) -> list[tuple[Path, str]]:
-    """Save up to `count` built-in validation images the black box misclassifies, named by true label."""
+    """Save up to `count` built-in validation photos (at their own size) the black box gets wrong,
+    borderline mistakes first, named by true label."""
     import torch
-    from torchvision.utils import save_image
 
     from advexplain.shared.checkpoints import load_checkpoint
-    from advexplain.shared.data import load_images
+    from advexplain.shared.classifiers import LocalClassifier
+    from advexplain.shared.data import load_photos
+    from advexplain.shared.evaluation import find_mistakes
+    from advexplain.shared.pixels import encode_png
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(blackbox)
-    spec = ckpt.meta.data.get("spec", "elpv")
-    images = load_images(spec, "validation", ckpt.meta.image_size, progress=False)
+    box = LocalClassifier(ckpt.model, ckpt.classes)
+    photos = load_photos(ckpt.meta.data.get("spec", "elpv"), "validation")
+    images = [photos.image(i) for i in range(len(photos))]
     with torch.no_grad():
-        probs = torch.cat([torch.softmax(ckpt.model(images.as_float(slice(i, i + 256))), 1)
-                           for i in range(0, len(images), 256)])
-    wrong = (probs.argmax(1) != images.labels).nonzero().flatten()
+        probs = [torch.softmax(box.logits(x.unsqueeze(0)), 1)[0] for x in images]
+        wrong = find_mistakes(lambda x: int(box.logits(x.unsqueeze(0)).argmax()), images, photos.labels)
     # Borderline mistakes first (the true class nearly won): the clearest demonstrations.
-    p_true = probs[wrong, images.labels[wrong]]
-    wrong = wrong[p_true.argsort(descending=True)][:count]
+    wrong.sort(key=lambda item: -float(probs[item[0]][photos.labels[item[0]]]))
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("misclassified-*.png"):  # samples of earlier models would mislead
         old.unlink()
     written = []
-    for n, i in enumerate(wrong.tolist()):
-        label = images.classes[int(images.labels[i])]
+    for n, (i, _) in enumerate(wrong[:count]):
+        label = photos.classes[photos.labels[i]]
         path = out / f"misclassified-{n}-true-{label}.png"
-        save_image(images.as_float(slice(i, i + 1)), path)
+        path.write_bytes(encode_png(images[i]))
         written.append((path, label))
     return written
 

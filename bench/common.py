@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from torchvision.transforms.v2.functional import gaussian_blur as blur  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,15 +192,8 @@ def auc(fractions, values) -> float:
 
 
 def gaussian_blur(image: torch.Tensor, kernel: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """(C, H, W) -> the same image blurred (reflect padding): the RISE-style 'removed' baseline."""
-    ax = torch.arange(kernel, dtype=torch.float32) - (kernel - 1) / 2
-    k1 = torch.exp(-(ax ** 2) / (2 * sigma ** 2))
-    k1 = k1 / k1.sum()
-    c = image.shape[0]
-    x = F.pad(image.unsqueeze(0), (kernel // 2,) * 4, mode="reflect")
-    x = F.conv2d(x, k1.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    x = F.conv2d(x, k1.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-    return x[0].clamp(0, 1)
+    """(C, H, W) -> the same image blurred (torchvision's, reflect padding): the RISE-style 'removed' baseline."""
+    return blur(image, kernel_size=[kernel, kernel], sigma=[sigma, sigma]).clamp(0, 1)
 
 
 # -- agreement ----------------------------------------------------------------------------------

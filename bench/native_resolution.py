@@ -36,15 +36,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier, fit_to_size
-from advexplain.shared.explain import explain, method_options
+from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.data import load_photos
 from advexplain.shared.pixels import quantise
 from advexplain.shared.saliency import pixel_magnitude, saliency_map
-from bench.common import RESULTS, auc, fmt, markdown_table, rank_order, write_json
+from bench.common import RESULTS, auc, fmt, gaussian_blur, markdown_table, rank_order, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = [i / 32 for i in range(33)]
@@ -56,7 +55,7 @@ class Setup:
 
     name: str
     oracle: object
-    surrogate: LocalClassifier
+    surrogate: object                            # a GradientSource: one surrogate or an ensemble
     photos: list[torch.Tensor]                  # (3, H, W) float [0, 1] on the 8-bit grid, own sizes
     labels: list[int]
     mistaken: list[int]                         # the box's (wrong) prediction
@@ -97,7 +96,7 @@ def load_setup(args) -> Setup:
         folder = args.thirdparty
         box = ThirdPartyBox.load(folder)
         oracle = LocalThirdPartyBox(box)
-        surrogate = LocalClassifier.from_checkpoint(args.surrogate or ROOT / "models-faces" / "surrogate")
+        surrogate_paths = args.surrogate or [ROOT / "models-faces" / "surrogate"]
 
         def probabilities(x):
             from PIL import Image
@@ -114,7 +113,7 @@ def load_setup(args) -> Setup:
         bb = load_checkpoint(args.blackbox or models / "blackbox")
         network = LocalClassifier(bb.model, bb.classes)
         oracle = LocalClassifier(bb.model, bb.classes, label_only=True)
-        surrogate = LocalClassifier.from_checkpoint(args.surrogate or models / "surrogate")
+        surrogate_paths = args.surrogate or [models / "surrogate"]
 
         @torch.no_grad()
         def probabilities(x):
@@ -133,14 +132,17 @@ def load_setup(args) -> Setup:
         data = faces if args.box == "faces" else "elpv"
         meta = {"box": f"our {args.box} black box (label-only)", "box_val_accuracy": bb.meta.metrics.get("val_accuracy"),
                 "box_input": f"{bb.meta.image_size}x{bb.meta.image_size} squash (bilinear, antialiased)"}
+    members = [LocalClassifier.from_checkpoint(path) for path in surrogate_paths]
+    surrogate = members[0] if len(members) == 1 else EnsembleSurrogate(members)
     photos, labels, classes, paths = _photos(data, args.split)
     if tuple(classes) != tuple(surrogate.classes):
         raise SystemExit(f"data classes {classes} are not the surrogate's {surrogate.classes}")
     wrong, predicted, misclassified = _screen(probabilities, photos, labels, args.limit)
     sizes = [tuple(photos[i].shape[-2:]) for i in wrong]
     meta.update({"data": str(data), "split": args.split, "images_in_split": len(photos), "misclassified": misclassified,
-                 "images_used": len(wrong), "surrogate_input": surrogate.image_size,
-                 "surrogate_val_accuracy": load_checkpoint(args.surrogate or (ROOT / ("models" if args.box == "elpv" else "models-faces") / "surrogate")).meta.metrics.get("val_accuracy"),
+                 "images_used": len(wrong), "surrogates": [str(p) for p in surrogate_paths],
+                 "surrogate_inputs": [m.image_size for m in members],
+                 "surrogate_val_accuracy": [load_checkpoint(p).meta.metrics.get("val_accuracy") for p in surrogate_paths],
                  "median_photo_size_hw": [float(np.median([s[0] for s in sizes])), float(np.median([s[1] for s in sizes]))] if sizes else None})
     return Setup(args.box, oracle, surrogate, [photos[i] for i in wrong], [labels[i] for i in wrong], predicted,
                  [paths[i] for i in wrong], probabilities, network_for, gradcam_layer,
@@ -232,7 +234,7 @@ def deletion_aucs(setup: Setup, maps: list[torch.Tensor], seed: int) -> list[flo
     """Per image: area under P(mistaken class) as the top-k% pixels are replaced by a blurred copy."""
     out = []
     for i, (x, mistaken, m) in enumerate(zip(setup.photos, setup.mistaken, maps)):
-        blurred = gaussian_blur(x, kernel_size=[11, 11], sigma=[5.0, 5.0])
+        blurred = gaussian_blur(x)
         curve = setup.probabilities(blend(x, blurred, m, seed + i))[:, mistaken]
         out.append(auc(FRACTIONS, curve.tolist()))
     return out
@@ -253,7 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="validation")
     p.add_argument("--thirdparty", type=Path, default=ROOT / "models-thirdparty")
     p.add_argument("--blackbox", type=Path, default=None)
-    p.add_argument("--surrogate", type=Path, default=None)
+    p.add_argument("--surrogate", type=Path, action="append", default=None,
+                   help="surrogate checkpoint; repeat for an ensemble (default: the box's data's CPU surrogate)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--method", action="append", default=None,
                    help="[whitebox-]method[:key=value;...] to run (repeatable; whitebox- takes the box's own "

@@ -7,10 +7,13 @@ same; the paper thresholds "the pixel" without saying how channels combine). Mag
 interpolation, numpy's default) come from every pixel of every non-NIL perturbation of a batch
 (`saliency_maps`, the paper's batch mode) or of the one image (`saliency_map`, single mode).
 
-Defaults: tau = 1.5 is Tukey's fence, the usual "outside q3 + 1.5 IQR" outlier rule, which keeps
-the few pixels the search changed most (the paper needs tau > 0 and gives no value); beta = 2.0
-doubles the kept pixels (the paper needs beta > 1 and gives no value), so they stand out when
-maps are drawn on a common scale.
+Defaults (the paper needs tau > 0 and beta > 1 and gives no values): tau = 0.5. Tukey's fence
+(1.5) finds outliers in heavy-tailed changes such as the paper's eps * gradient, but the default
+search draws its change on a coarse grid so that it survives a box's resizing, and such a smooth
+change has few outliers: on 60 misclassified training photos of the third-party benchmark box
+(bench/native_resolution.py) tau = 1.5 left 27 of 60 maps empty and kept 2.4% of the pixels on
+average; tau = 0.5 keeps 10.4% and left 3 empty. beta = 2.0 doubles the kept pixels, so they stand
+out when maps are drawn on a common scale.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from advexplain.shared.errors import InvalidInput
 
-DEFAULT_TAU = 1.5
+DEFAULT_TAU = 0.5
 DEFAULT_BETA = 2.0
 
 

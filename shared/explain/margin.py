@@ -47,7 +47,7 @@ from advexplain.shared.explain.base import (FAILED_MAX_LINF, FAILED_NO_GRADIENT,
 from advexplain.shared.pixels import QUANTUM
 
 # Logit margin the surrogate must give the goal before a black-box query (tuned on training images).
-DEFAULT_TRANSFER_MARGIN = 16.0
+DEFAULT_TRANSFER_MARGIN = 8.0
 # White-box: the gradient source is the oracle, so only ties need clearing.
 WHITEBOX_MARGIN = 1e-3
 
@@ -76,7 +76,6 @@ class MarginOptions(SearchOptions):
     sigma: float = Field(0.02, ge=0, le=1, allow_inf_nan=False)
     view_sizes: tuple[int, int] = (24, 96)
     crop: float = Field(0.3, ge=0, lt=0.5, allow_inf_nan=False)
-    saturation: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     max_steps: int = Field(8, ge=1, le=1000)
     max_rounds: int = Field(6, ge=1, le=100)
     overshoot: float = Field(0.02, ge=0, le=10, allow_inf_nan=False)
@@ -148,8 +147,7 @@ class MarginSearch(Method):
         for step in range(o.max_steps + 1):
             value, grad = self._margin_and_grad(s, z, views)
             candidate = s.snap(s.image + upsample(z, h, w))
-            saturated = float((z.abs() >= eps - 1e-9).float().mean()) if eps > 0 else 0.0
-            if value >= target or step == o.max_steps or (step and saturated > o.saturation):
+            if value >= target or step == o.max_steps:
                 return z, candidate, value, step
             # Coordinates already at the budget and pushed outwards cannot move: leave them out of the step.
             free = ~(((z >= eps) & (grad > 0)) | ((z <= -eps) & (grad < 0)))
