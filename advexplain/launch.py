@@ -40,16 +40,36 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: P
     raise RuntimeError(f"{url} was not ready after {timeout:.0f}s\n{tail()}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants that are alive now (Linux /proc; just `pid` elsewhere)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
 class ServiceProcess:
     """One `advexplain serve <service>` child on a loopback port, its output in a log file."""
 
     def __init__(self, service: str, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
-                 log_dir: Path | None = None, health_path: str = "/healthz"):
+                 log_dir: Path | None = None, health_path: str = "/healthz", threads: int | None = 1):
+        """`threads`: `advexplain --threads N` (one torch thread by default, for tests on shared cores);
+        None leaves it to the service's own default (the explainer's: cores / (workers x concurrency))."""
         self.service = service
+        self.threads = threads
         self.health_path = health_path  # e.g. /v2/models/blackbox/ready for `serve blackbox --protocol oip`
         self.port = port or free_port()
         self.args = args
-        self.env = {**os.environ, "ADVEXPLAIN_THREADS": "1", **(env or {})}
+        self.env = {**os.environ, "ADVEXPLAIN_THREADS": str(threads or 1), **(env or {})}
+        # Multiprocess metrics are per service: a folder inherited from the caller would mix two services.
+        if "PROMETHEUS_MULTIPROC_DIR" not in (env or {}):
+            self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.log_path = (log_dir or Path("/tmp")) / f"{service}-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -58,8 +78,15 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "advexplain", "--threads", "1", "serve", self.service,
+        threads = [] if self.threads is None else ["--threads", str(self.threads)]
+        return [sys.executable, "-m", "advexplain", *threads, "serve", self.service,
                 "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+
+    def pids(self) -> list[int]:
+        """The process and all its descendants (uvicorn's workers under `--workers N`), from /proc."""
+        if self.proc is None:
+            return []
+        return process_tree(self.proc.pid)
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> "ServiceProcess":
         with self.log_path.open("ab") as log:

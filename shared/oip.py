@@ -6,7 +6,8 @@ Server. A black-box URL of the form `http(s)://host:port/v2/models/<name>[/versi
 (`is_oip_url`).
 
 Wire contract (the parts used here):
-- `GET /v2/health/ready`, `GET /v2/models/<name>/ready`: readiness (`OipClassifier.ready`).
+- `GET /v2/health/ready`, `GET /v2/models/<name>/ready`: readiness (`OipClassifier.health`, with the
+  states of `advexplain.shared.remote`).
 - `GET /v2/models/<name>` -> {"inputs": [{"name", "datatype", "shape"}], ...}: the one input tensor,
   fetched once. Datatype FP32 or UINT8; shape [B, C, H, W] (NCHW) or [B, H, W, C] (NHWC) with C = 1
   or 3 (the layout is read from where the C sits) and B = -1 (any batch) or a fixed number; a shape
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from advexplain.shared.remote import NOT_READY, READY, UNREACHABLE
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -205,8 +207,8 @@ class OipClassifier:
     closed by `close()`. Thread-safe.
 
     >>> box = OipClassifier("http://127.0.0.1:8080/v2/models/blackbox", ("defective", "functional"))  # doctest: +SKIP
-    >>> box.ready()                                                                                 # doctest: +SKIP
-    (True, 'ready')
+    >>> box.health()                                                                                # doctest: +SKIP
+    ('ok', 'ready')
     >>> box.predict_proba(torch.rand(2, 3, 105, 80)).shape                                          # doctest: +SKIP
     torch.Size([2, 2])
     """
@@ -269,25 +271,36 @@ class OipClassifier:
 
     # ------------------------------------------------------------ what the server says about itself
 
-    def ready(self, timeout: float | None = None) -> tuple[bool, str]:
-        """(ok, detail) from `GET /v2/health/ready` and `GET /v2/models/<name>/ready`; never raises, counts nothing."""
+    def health(self, timeout: float | None = None) -> tuple[str, str]:
+        """(state, detail) from `GET /v2/health/ready` and `GET /v2/models/<name>/ready`; never raises, counts nothing.
+
+        state (as `RemoteClassifier.health`): READY (both answer 200 and neither says not ready),
+        NOT_READY (another status, e.g. 503 while loading or 404 for a model the server does not
+        have, or {"ready": false}), UNREACHABLE (no connection or no answer in time). The protocol
+        requires both endpoints, so there is no NO_HEALTH_ENDPOINT here.
+        """
         for url in (self.endpoint.server_ready_url, f"{self.endpoint.model_url}/ready"):
             try:
                 resp = self._client.get(url, timeout=timeout) if timeout else self._client.get(url)
             except httpx.TimeoutException:
-                return False, f"no answer from {url} in time"
+                return UNREACHABLE, f"no answer from {url} in time"
             except httpx.HTTPError as exc:
-                return False, f"cannot reach {url}: {type(exc).__name__}"
+                return UNREACHABLE, f"cannot reach {url}: {type(exc).__name__}"
             if resp.status_code != 200:
-                return False, f"{url} answered {resp.status_code}"
+                return NOT_READY, f"{url} answered {resp.status_code}"
             try:
                 body = resp.json()
             except ValueError:
                 body = None
             # Both readiness answers carry {"ready": bool} in the protocol; a bare 200 is taken as ready.
             if isinstance(body, dict) and body.get("ready") is False:
-                return False, f"{url} says not ready"
-        return True, "ready"
+                return NOT_READY, f"{url} says not ready"
+        return READY, "ready"
+
+    def ready(self, timeout: float | None = None) -> tuple[bool, str]:
+        """(ok, detail): `health()` as a yes or no."""
+        state, detail = self.health(timeout)
+        return state == READY, detail
 
     @property
     def input(self) -> OipInput:

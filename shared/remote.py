@@ -5,6 +5,12 @@ class names are the caller's (the surrogate's checkpoint, or a setting) and ever
 answers is matched against them by name: a label outside them is a bad answer (502 in the
 services), never guessed at. `GET /healthz` is optional: when the box has one, it is used for
 readiness and for `max_images` (files per request); without one, images go one per request.
+
+`connect_black_box(url, classes)` is the one way the explainer, `train --distill-from` and
+`evaluate --blackbox-url` reach a black box: an Open Inference Protocol model URL
+(`http(s)://host:port/v2/models/<name>[/versions/<v>]`) gives an `OipClassifier`, any other URL a
+`RemoteClassifier`. Both answer `health()` with the same states (READY, NO_HEALTH_ENDPOINT,
+NOT_READY, UNREACHABLE) and map failures to the same typed errors.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import httpx
 import torch
@@ -21,13 +28,70 @@ from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, Upstream
 from advexplain.shared.pixels import encode_png
 from advexplain.shared.wire import PredictResponse
 
+if TYPE_CHECKING:
+    from advexplain.shared.oip import OipClassifier
+
 DEFAULT_TIMEOUT = 30.0
 # Files per request when the box does not say (no /healthz, or one without max_images): one, the
 # only number any /predict is sure to take.
 UNKNOWN_MAX_IMAGES = 1
 
-# Readiness states (`RemoteClassifier.health`).
+# Readiness states (`health()` of RemoteClassifier and OipClassifier).
 READY, NO_HEALTH_ENDPOINT, NOT_READY, UNREACHABLE = "ok", "no_health_endpoint", "not_ready", "unreachable"
+
+
+@runtime_checkable
+class RemoteBlackBox(Protocol):
+    """What a black box over HTTP offers besides the Classifier protocol: readiness, its query count, close()."""
+
+    classes: tuple[str, ...]
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def health(self, timeout: float | None = None) -> tuple[str, str]: ...
+
+    @property
+    def queries(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def connect_black_box(
+    url: str,
+    classes: Sequence[str],
+    *,
+    client: httpx.Client | None = None,
+    client_id: str = "advexplain-explainer",
+    timeout: float = DEFAULT_TIMEOUT,
+    connect_retries: int = 2,
+    max_images: int | None = None,
+    pixel_scale: float = 1.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> "RemoteClassifier | OipClassifier":
+    """The black box at `url`: an OipClassifier for an OIP model URL, else a RemoteClassifier (POST /predict).
+
+    `classes` are the caller's (the surrogate's, or the local data's): neither protocol is trusted
+    to name them. `client`, `client_id`, `timeout`, `connect_retries` and `max_images` mean the
+    same for both (an injected client brings its own timeouts and retries); `pixel_scale`, `mean`
+    and `std` say how an OIP model wants FP32 pixels and are refused for a /predict URL, which
+    takes image files.
+
+    >>> connect_black_box("http://127.0.0.1:8080/v2/models/blackbox", ("defective", "functional"))  # doctest: +SKIP
+    <advexplain.shared.oip.OipClassifier object at ...>
+    """
+    # Imported here: shared.oip takes the readiness states from this module.
+    from advexplain.shared.oip import DEFAULT_MAX_IMAGES, OipClassifier, is_oip_url
+
+    if is_oip_url(url):
+        return OipClassifier(url, classes, client=client, client_id=client_id, timeout=timeout,
+                             connect_retries=connect_retries, max_images=max_images or DEFAULT_MAX_IMAGES,
+                             pixel_scale=pixel_scale, mean=mean, std=std)
+    if pixel_scale != 1.0 or mean is not None or std is not None:
+        raise InvalidInput(f"pixel scale, mean and std apply to Open Inference Protocol model URLs "
+                           f"(http(s)://host:port/v2/models/<name>) only; {url} takes image files over /predict")
+    return RemoteClassifier(url, classes, client=client, client_id=client_id, timeout=timeout,
+                            connect_retries=connect_retries, max_images=max_images)
 
 
 class RemoteClassifier:

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from advexplain.commands.blackbox_flags import add_oip_flags, oip_options
 from advexplain.shared.checkpoints import save_checkpoint
 from advexplain.shared.data import BUILTIN, fingerprint, load_images, sample_fraction
 from advexplain.shared.models import ModelConfig
@@ -40,12 +41,14 @@ def register(sub) -> None:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="validation")
     p.add_argument("--distill-from", default=None, metavar="URL|CHECKPOINT",
-                   help="surrogate only: label the local images with this black box (a running service's URL or a "
+                   help="surrogate only: label the local images with this black box (a running service's URL: POST "
+                        "/predict, or an Open Inference Protocol model URL http(s)://host:port/v2/models/<name>; or a "
                         "checkpoint folder) and train on its answers instead of the folder labels")
     p.add_argument("--distill-budget", type=int, default=None,
                    help="most black-box queries distillation may spend (default: one per local image)")
     p.add_argument("--distill-label-only", action="store_true",
                    help="with a CHECKPOINT: use only its labels, as from a hard-label black box")
+    add_oip_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -76,7 +79,8 @@ def run(args) -> int:
     if args.distill_from:
         if args.kind != "surrogate":
             raise InvalidInput("--distill-from trains a surrogate: use it with `train surrogate`")
-        oracle, source = distillation_oracle(args.distill_from, args.distill_label_only, train_set.classes)
+        oracle, source = distillation_oracle(args.distill_from, args.distill_label_only, train_set.classes,
+                                             **oip_options(args, args.distill_from, "--distill-from"))
         labelled = distill_labels(oracle, train_set, budget=args.distill_budget, seed=args.seed)
         train_set, targets, agreement_set = labelled.train, labelled.targets, labelled.held_back
         distillation = {"source": source, "queries": labelled.queries, "budget": args.distill_budget,
@@ -120,13 +124,14 @@ def run(args) -> int:
     return 0
 
 
-def distillation_oracle(source: str, label_only: bool, classes: tuple[str, ...]):
-    """The black box to distil from: a running service (URL; only its /predict is used, and its labels
-    must be among the local data's `classes`) or a checkpoint folder (for benchmarks)."""
+def distillation_oracle(source: str, label_only: bool, classes: tuple[str, ...], **oip):
+    """The black box to distil from: a running service (URL: only its /predict is used, and its labels
+    must be among the local data's `classes`; or an OIP model URL, whose output index k is `classes[k]`,
+    with `oip` the pixel options of `connect_black_box`) or a checkpoint folder (for benchmarks)."""
     if source.startswith(("http://", "https://")):
-        from advexplain.shared.remote import RemoteClassifier
+        from advexplain.shared.remote import connect_black_box
 
-        return RemoteClassifier(source, classes, client_id="advexplain-distill"), source
+        return connect_black_box(source, classes, client_id="advexplain-distill", **oip), source
     from advexplain.shared.classifiers import LocalClassifier
 
     path = Path(source)

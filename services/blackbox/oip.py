@@ -27,10 +27,12 @@ from collections.abc import Iterator
 import numpy as np
 import prometheus_client
 import torch
+from fastapi import HTTPException
 
 from advexplain.services.blackbox.counter import parse_client_id
 from advexplain.services.blackbox.service import BlackBox
 from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.common.errors import Overloaded
 from advexplain.services.common.metrics import ServiceMetrics
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.errors import InvalidInput
@@ -64,8 +66,9 @@ LABELS = "labels"
 class BlackboxModel(kserve.Model):
     """Our checkpoint as a `kserve.Model`: `load()` loads it and sets `ready`; `predict` classifies and counts.
 
-    The forward pass runs off the event loop under the service's limiter (`BlackBox.predict_tensor`),
-    so KServe's loop keeps answering health checks while a batch is classified.
+    The forward pass runs off the event loop under the service's admission control
+    (`BlackBox.predict_tensor`), so KServe's loop keeps answering health checks while a batch is
+    classified, and a request past the queue is a 503 with Retry-After.
     """
 
     def __init__(self, settings: BlackboxSettings):
@@ -119,7 +122,11 @@ class BlackboxModel(kserve.Model):
             x = self.images(payload)
         except InvalidInput as exc:
             raise KServeInvalidInput(exc.message) from exc
-        probs, total = await blackbox.predict_tensor(x, client)
+        try:
+            probs, total = await blackbox.predict_tensor(x, client)
+        except Overloaded as exc:
+            # KServe has no 503 error of its own for a busy model; FastAPI's HTTPException keeps Retry-After.
+            raise HTTPException(503, detail=exc.message, headers=exc.details["headers"]) from exc
         if response_headers is not None:
             response_headers["X-Query-Count"] = str(total)
         if self.settings.output == "label":

@@ -1,14 +1,14 @@
-"""The black box as an object: decode uploads, one forward pass per request, count the images."""
+"""The black box as an object: decode uploads, one forward pass per request behind admission control, count the images."""
 
 from __future__ import annotations
 
-import anyio
 import torch
 from prometheus_client import Counter
 
 from advexplain.services.blackbox.counter import QueryCounter
 from advexplain.shared.wire import Prediction, PredictResponse
 from advexplain.services.blackbox.settings import BlackboxSettings
+from advexplain.services.common.admission import Admission
 from advexplain.shared.images import decode_image
 from advexplain.services.common.metrics import BoundedLabels, ServiceMetrics
 from advexplain.shared.classifiers import LocalClassifier
@@ -21,7 +21,8 @@ class BlackBox:
         self.classifier = classifier
         self.settings = settings
         self.counter = QueryCounter(settings.max_clients)
-        self._limiter = anyio.CapacityLimiter(settings.workers)
+        self.admission = Admission(settings.workers, settings.max_queue, settings.max_queue_wait,
+                                   namespace=metrics.namespace, registry=metrics.registry, what="request")
         self._client_label = BoundedLabels(settings.max_client_labels)
         self._queries = Counter(
             "queries", "Images classified, by client (ids past the label cap share 'other')", ["client"],
@@ -46,7 +47,7 @@ class BlackBox:
 
         Counting happens only after the forward pass succeeded, so a rejected request counts nothing.
         """
-        probs = await anyio.to_thread.run_sync(self.classify, files, limiter=self._limiter)
+        probs = await self.admission.run(self.classify, files)
         total = self.count(client, len(files))
         return PredictResponse(predictions=self._predictions(probs), queries=len(files)), total
 
@@ -54,9 +55,9 @@ class BlackBox:
         """(N, C, S, S) float in [0, 1] at the model's size -> (N, K) probabilities, and the client's running total.
 
         The Open Inference Protocol's path (services/blackbox/oip.py): the same forward pass off the
-        event loop, the same limiter, and the same counting after it succeeded.
+        event loop, the same admission (queue, wait, 503 overloaded), and the same counting after it succeeded.
         """
-        probs = await anyio.to_thread.run_sync(self.classifier.predict_proba, x, limiter=self._limiter)
+        probs = await self.admission.run(self.classifier.predict_proba, x)
         return probs, self.count(client, int(x.shape[0]))
 
     def count(self, client: str, images: int) -> int:

@@ -30,6 +30,10 @@ class BlackboxSettings(ServiceSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of one image, checked before decoding")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: leave the process's)")
     workers: int = Field(1, ge=1, le=64, description="forward passes running at once")
+    max_queue: int = Field(64, ge=0, le=1_000_000, description="requests that may wait for a forward pass; one more "
+                           "is refused at once with 503 overloaded and Retry-After (0: none wait)")
+    max_queue_wait: float = Field(5.0, gt=0, le=86_400, description="seconds a request may wait for a forward pass "
+                                  "before it is refused with 503 overloaded")
     max_client_labels: int = Field(100, ge=1, le=10_000, description="distinct client ids with their own metric label")
     max_clients: int = Field(10_000, ge=1, le=1_000_000,
                              description="client ids with their own running total in memory (least recently used "

@@ -37,6 +37,13 @@ class ServiceNotReady(AdvexplainError):
     code = "not_ready"
 
 
+class Overloaded(AdvexplainError):
+    """Refused at the door (services/common/admission.py): the queue is full, or the wait for a slot ran
+    out. A 503 with Retry-After, so a client can tell a busy service from a dead one."""
+
+    code = "overloaded"
+
+
 # The single error -> status table. Lookup walks the exception's MRO, so a subclass without its own
 # row gets its nearest ancestor's status (UnsupportedMediaType is an InvalidInput but has 415).
 STATUS: dict[type[AdvexplainError], int] = {
@@ -52,6 +59,7 @@ STATUS: dict[type[AdvexplainError], int] = {
     UpstreamUnavailable: 503,
     UpstreamTimeout: 504,
     ServiceNotReady: 503,
+    Overloaded: 503,
     CheckpointError: 500,
     AdvexplainError: 500,
 }
@@ -100,7 +108,7 @@ DESCRIPTIONS = {
     429: "Query budget exceeded",
     431: "Too many header lines, or too many bytes of headers",
     502: "The black box gave an unusable answer",
-    503: "Not ready, or the black box is unreachable",
+    503: "Not ready, overloaded (`overloaded`, with Retry-After), or the black box is unreachable",
     504: "The black box did not answer in time",
 }
 
@@ -133,7 +141,10 @@ def install_error_handlers(app: FastAPI, on_error: OnError | None = None) -> Non
 
     async def domain_error(request: Request, exc: AdvexplainError) -> JSONResponse:
         status = status_for(exc)
-        if status >= 500:
+        if isinstance(exc, Overloaded):
+            # One per refused request under overload: the admission metric counts them, the log need not.
+            log.debug("%s %s refused: %s", request.method, request.url.path, exc.message)
+        elif status >= 500:
             log.error("%s %s failed: %s: %s", request.method, request.url.path, exc.code, exc.message)
         # An error may carry response headers (e.g. Unauthorized(..., headers={"WWW-Authenticate": "Bearer"})).
         headers = exc.details.get("headers")

@@ -1,16 +1,43 @@
-"""Prometheus metrics on a registry per app (several apps can live in one process), and a timing middleware."""
+"""Prometheus metrics on a registry per app (several apps can live in one process), and a timing middleware.
+
+With several worker processes on one port (`serve explainer --workers N`) each process counts into
+files under PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen when the variable is
+set before prometheus_client is first imported) and /metrics answers the sum over all of them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNMATCHED_ROUTE = "unmatched"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@contextlib.contextmanager
+def multiprocess_directory(prefix: str) -> Iterator[Path]:
+    """The folder for multiprocess metrics, empty: PROMETHEUS_MULTIPROC_DIR when the operator set it (its
+    old *.db files removed, the folder kept), else a new temporary folder, removed afterwards."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=f"advexplain-metrics-{prefix}") as tmp:
+        yield Path(tmp)
 
 
 class BoundedLabels:
@@ -42,6 +69,7 @@ class ServiceMetrics:
     def __init__(self, namespace: str):
         self.namespace = namespace
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self.latency = Histogram(
             "request_duration_seconds", "Time from request start to the end of the response",
             ["method", "route", "status"], namespace=namespace, registry=self.registry, buckets=LATENCY_BUCKETS,
@@ -55,7 +83,17 @@ class ServiceMetrics:
         self.errors.labels(code=code, status=str(status)).inc()
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        # Every worker's files, merged (counters and histograms summed, live gauges summed over live pids).
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """At shutdown: this process's live gauges stop counting in the other workers' /metrics."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
 class LatencyMiddleware:

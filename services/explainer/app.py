@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from contextlib import asynccontextmanager
 
 import anyio
@@ -20,7 +22,7 @@ from advexplain.services.explainer.service import Explainer, build_http_client, 
 from advexplain.services.explainer.settings import ExplainerSettings
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.errors import CheckpointError
-from advexplain.shared.remote import RemoteClassifier
+from advexplain.shared.remote import connect_black_box
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,9 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        # Per explanation: with max_concurrency explanations in each of `workers` processes, this many
+        # threads each keeps the usable cores busy without oversubscribing them.
+        torch.set_num_threads(settings.threads)
         surrogate = await anyio.to_thread.run_sync(load_surrogate, settings)
         whitebox = None
         if settings.whitebox_enabled:
@@ -46,15 +49,20 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
                                   f"{len(surrogate.classes)}")
         if whitebox is not None and len(whitebox.classes) != len(classes):
             raise CheckpointError(f"the white-box model has {len(whitebox.classes)} classes, the surrogate {len(classes)}")
-        blackbox = RemoteClassifier(settings.blackbox_url, classes, client=http, client_id=settings.client_id)
+        # /predict or the Open Inference Protocol, as the URL says; the pooled client's timeouts and retries apply.
+        blackbox = connect_black_box(settings.blackbox_url, classes, client=http, client_id=settings.client_id,
+                                     pixel_scale=settings.oip_pixel_scale, mean=settings.oip_mean, std=settings.oip_std)
         app.state.explainer = Explainer(settings, metrics, surrogate, blackbox, whitebox)
-        log.info("explainer ready: %d surrogate(s) %s, classes %s, black box %s as %r, white-box route %s, %d at once",
+        log.info("explainer ready: %d surrogate(s) %s, classes %s, black box %s as %r, white-box route %s, "
+                 "%d at once, %d may wait up to %g s, %d torch thread(s) each",
                  len(settings.surrogate), ", ".join(map(str, settings.surrogate)), list(classes), settings.blackbox_url,
-                 settings.client_id, "on" if whitebox is not None else "off", settings.max_concurrency)
+                 settings.client_id, "on" if whitebox is not None else "off", settings.max_concurrency,
+                 settings.max_queue, settings.max_queue_wait, settings.threads)
         try:
             yield
         finally:
             app.state.explainer = None
+            metrics.close()
             if blackbox_client is None:
                 http.close()
 
@@ -83,3 +91,18 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
     if settings.whitebox_enabled:
         app.include_router(whitebox_router, form_limits={"max_files": 1})
     return app
+
+
+# `serve explainer --workers N`: uvicorn starts N processes that each build the app from an import
+# string, so the validated settings travel to them as JSON in the environment. The white-box token is
+# left out: it only ever comes from EXPLAINER_WHITEBOX_TOKEN, which the workers inherit.
+SETTINGS_ENV = "ADVEXPLAIN_EXPLAINER_SETTINGS"
+
+
+def settings_to_environment(settings: ExplainerSettings) -> str:
+    return settings.model_dump_json(exclude={"whitebox_token"})
+
+
+def create_app_from_environment() -> FastAPI:
+    """The app factory each worker process runs (`uvicorn ...:create_app_from_environment --factory`)."""
+    return create_app(ExplainerSettings(**json.loads(os.environ[SETTINGS_ENV])))

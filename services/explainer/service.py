@@ -5,19 +5,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import anyio
 import httpx
 import torch
 from prometheus_client import Counter, Histogram
 
+from advexplain.services.common.admission import Admission
 from advexplain.services.common.metrics import ServiceMetrics
 from advexplain.services.explainer.settings import ExplainerSettings
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.errors import InvalidInput
 from advexplain.shared.explain import EnsembleSurrogate, Explanation, SearchOptions, explain
 from advexplain.shared.images import Photo, decode_photo
-from advexplain.shared.protocols import GradientSource
-from advexplain.shared.remote import NO_HEALTH_ENDPOINT, READY, RemoteClassifier
+from advexplain.shared.protocols import Classifier, GradientSource
+from advexplain.shared.remote import NO_HEALTH_ENDPOINT, READY, RemoteBlackBox
 from advexplain.shared.render import render_explanation
 from advexplain.shared.saliency import saliency_map
 
@@ -48,18 +48,20 @@ class ExplainResult:
 class RequestOracle:
     """The black box as one request sees it.
 
-    The photo's first prediction sends the upload as it was sent (the box judges the user's own
-    file, not a re-encoding of it); every other image goes as an 8-bit PNG at the photo's size.
-    Counts the images the box answered, so a search that fails half-way still shows up in the
-    queries metric (the shared RemoteClassifier's own counter mixes concurrent requests).
+    With a box that takes files (`predict_files`: /predict), the photo's first prediction sends the
+    upload as it was sent (the box judges the user's own file, not a re-encoding of it); every other
+    image, and every image for a box that takes tensors (OIP: the decoded photo, resized to the
+    model's input on the query path), goes through `predict_proba`. Counts the images the box
+    answered, so a search that fails half-way still shows up in the queries metric (the shared
+    client's own counter mixes concurrent requests).
     """
 
-    def __init__(self, remote: RemoteClassifier, photo: torch.Tensor, upload: bytes | None):
+    def __init__(self, remote: Classifier, photo: torch.Tensor, upload: bytes | None):
         self.remote = remote
         self.classes = remote.classes
         self.images = 0
         self._photo = photo
-        self._upload = upload
+        self._upload = upload if callable(getattr(remote, "predict_files", None)) else None
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         if self._upload is not None and x.shape[0] == 1 and torch.equal(x[0], self._photo):
@@ -106,13 +108,14 @@ class Explainer:
     """
 
     def __init__(self, settings: ExplainerSettings, metrics: ServiceMetrics, surrogate: GradientSource,
-                 blackbox: RemoteClassifier, whitebox: LocalClassifier | None = None):
+                 blackbox: RemoteBlackBox, whitebox: LocalClassifier | None = None):
         self.settings = settings
         self.surrogate = surrogate
         self.blackbox = blackbox
         self.whitebox = whitebox
         self.classes = tuple(blackbox.classes)
-        self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
+        self.admission = Admission(settings.max_concurrency, settings.max_queue, settings.max_queue_wait,
+                                   namespace=metrics.namespace, registry=metrics.registry, what="explanation")
         self.surrogates = len(settings.surrogate)
         ns, reg = metrics.namespace, metrics.registry
         self._explanations = Counter("explanations", "Explanations by route and outcome "
@@ -125,8 +128,9 @@ class Explainer:
                                   buckets=EXPLANATION_BUCKETS)
 
     async def explain(self, data: bytes, params: ExplainParams, route: str = BLACKBOX) -> ExplainResult:
-        """Run one explanation in a worker thread; at most `max_concurrency` run at once."""
-        return await anyio.to_thread.run_sync(self._explain, data, params, route, limiter=self._limiter)
+        """Run one explanation in a worker thread; at most `max_concurrency` run at once, at most `max_queue`
+        wait (each up to `max_queue_wait` s), and the rest get Overloaded (503, Retry-After) at once."""
+        return await self.admission.run(self._explain, data, params, route)
 
     def _explain(self, data: bytes, params: ExplainParams, route: str) -> ExplainResult:
         started = time.perf_counter()
@@ -157,10 +161,11 @@ class Explainer:
             self._seconds.labels(route=route, outcome=outcome).observe(time.perf_counter() - started)
 
     def blackbox_health(self) -> tuple[bool, str]:
-        """(ready, why) from the black box's optional /healthz within `health_timeout`; counts no query.
+        """(ready, why) from the black box's `health()` within `health_timeout`; counts no query.
 
-        A box without a health endpoint (it answers 404 or 405) counts as ready: `/predict` is all a
-        black box has to offer.
+        /predict boxes answer their optional /healthz, OIP servers `/v2/health/ready` and the model's
+        ready. A /predict box without a health endpoint (it answers 404 or 405) counts as ready:
+        `/predict` is all a black box has to offer.
         """
         state, detail = self.blackbox.health(timeout=self.settings.health_timeout)
         return state in (READY, NO_HEALTH_ENDPOINT), detail

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated
 
 import httpx
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from advexplain.services.common.settings import ServiceSettings, checkpoint_problem
+from advexplain.services.common.settings import ServiceSettings, checkpoint_problem, usable_cpus
 from advexplain.shared.explain.base import MAX_QUERIES_LIMIT
+from advexplain.shared.oip import is_oip_url
 
 # The black box's own rule for X-Client-Id (services/blackbox/counter.py): printable ASCII, no spaces.
 CLIENT_ID = re.compile(r"[!-~]{1,64}")
 MIN_TOKEN_LENGTH = 16
+QUEUE_PER_SLOT = 4
 
 
 class ExplainerSettings(ServiceSettings):
@@ -33,7 +36,16 @@ class ExplainerSettings(ServiceSettings):
         default_factory=lambda: [Path("models/surrogate")],
         description="surrogate checkpoint folder(s); more than one makes an ensemble (summed gradients)",
     )
-    blackbox_url: str = Field("http://127.0.0.1:8000", description="base URL of the black-box service")
+    blackbox_url: str = Field("http://127.0.0.1:8000", description="base URL of the black-box service, or an Open "
+                              "Inference Protocol model URL http(s)://host:port/v2/models/<name>[/versions/<v>]")
+    oip_pixel_scale: float = Field(1.0, description="OIP black box with FP32 input: 1 sends pixels in [0, 1], 255 "
+                                   "in [0, 255]")
+    oip_mean: Annotated[list[float], NoDecode] | None = Field(
+        None, description="OIP black box with FP32 input: per-channel mean subtracted after scaling (1 or 3 values, "
+                          "in the scale's units); with oip_std")
+    oip_std: Annotated[list[float], NoDecode] | None = Field(
+        None, validate_default=True, description="OIP black box with FP32 input: per-channel std divided by after "
+                                                 "the mean; with oip_mean")
     whitebox_model: Path | None = Field(None, description="the real model's checkpoint, for /internal/whitebox/explain")
     whitebox_token: SecretStr | None = Field(None, description="bearer token of the white-box route; unset or empty = off")
     host: str = Field("127.0.0.1", min_length=1)
@@ -44,7 +56,16 @@ class ExplainerSettings(ServiceSettings):
     connect_retries: int = Field(2, ge=0, le=10, description="retries of failed connects only (a sent POST is never resent)")
     blackbox_connections: int = Field(8, ge=1, le=256, description="pooled connections to the black box")
     health_timeout: float = Field(2.0, gt=0, le=60, description="seconds /healthz waits for the black box")
-    max_concurrency: int = Field(1, ge=1, le=64, description="explanations running at once (torch work)")
+    workers: int = Field(1, ge=1, le=64, description="explainer processes on one port (uvicorn workers); the "
+                         "concurrency, queue and threads below are per process")
+    max_concurrency: int = Field(None, ge=1, le=256, validate_default=True,
+                                 description="explanations running at once in each process (default: the usable "
+                                             "cores / workers, at least 1)")
+    max_queue: int = Field(None, ge=0, le=1_000_000, validate_default=True,
+                           description="explanations that may wait for a slot in each process; one more is refused "
+                                       "at once with 503 overloaded and Retry-After (default: 4 per slot)")
+    max_queue_wait: float = Field(10.0, gt=0, le=86_400, description="seconds an explanation may wait for a slot "
+                                  "before it is refused with 503 overloaded")
     max_upload_bytes: int = Field(10_000_000, ge=1024, description="whole request body, bytes")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height of the upload, checked before decoding")
     max_queries: int = Field(200, ge=1, le=MAX_QUERIES_LIMIT, description="upper limit of a request's max_queries")
@@ -52,7 +73,9 @@ class ExplainerSettings(ServiceSettings):
                                  "to it once, up front (aspect ratio kept), and the answer says so; 0 or empty = never")
     classes: Annotated[list[str], NoDecode] | None = Field(
         None, description="class names in index order, as the black box labels them (default: the surrogate's)")
-    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: leave the process's)")
+    threads: int = Field(None, ge=1, le=256, validate_default=True,
+                         description="torch CPU threads of each explanation (default: the usable cores / (workers x "
+                                     "max_concurrency), at least 1, so the cores are never oversubscribed)")
 
     @field_validator("surrogate", mode="before")
     @classmethod
@@ -76,6 +99,28 @@ class ExplainerSettings(ServiceSettings):
         problems = [p for p in map(checkpoint_problem, value) if p]
         if problems:
             raise ValueError("; ".join(problems))
+        return value
+
+    # Defaults that follow the machine and each other (fields validate in the order they are declared).
+    @field_validator("max_concurrency", mode="before")
+    @classmethod
+    def _default_concurrency(cls, value, info: ValidationInfo):
+        if value is None or value == "":
+            return max(1, usable_cpus() // info.data.get("workers", 1))
+        return value
+
+    @field_validator("max_queue", mode="before")
+    @classmethod
+    def _default_queue(cls, value, info: ValidationInfo):
+        if value is None or value == "":
+            return QUEUE_PER_SLOT * info.data.get("max_concurrency", 1)
+        return value
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _default_threads(cls, value, info: ValidationInfo):
+        if value is None or value == "":
+            return max(1, usable_cpus() // (info.data.get("workers", 1) * info.data.get("max_concurrency", 1)))
         return value
 
     @field_validator("max_side", mode="before")
@@ -154,8 +199,62 @@ class ExplainerSettings(ServiceSettings):
             raise ValueError("client_id must be 1-64 printable ASCII characters without spaces")
         return value
 
+    # How an OIP model wants FP32 pixels; a /predict black box takes image files, so there they are refused.
+    @field_validator("oip_pixel_scale")
+    @classmethod
+    def _pixel_scale(cls, value: float, info) -> float:
+        if value not in (1.0, 255.0):
+            raise ValueError(f"oip_pixel_scale must be 1 ([0, 1] pixels) or 255 ([0, 255] pixels), got {value:g}")
+        if value != 1.0:
+            _needs_oip_url(info, "oip_pixel_scale")
+        return value
+
+    @field_validator("oip_mean", "oip_std", mode="before")
+    @classmethod
+    def _split_numbers(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list of numbers: {exc}") from exc
+            return [part.strip() for part in text.split(",")]
+        return value
+
+    @field_validator("oip_mean")
+    @classmethod
+    def _mean(cls, value: list[float] | None, info) -> list[float] | None:
+        if value is not None:
+            if len(value) not in (1, 3) or not all(math.isfinite(v) for v in value):
+                raise ValueError("oip_mean needs 1 or 3 finite values (one per channel)")
+            _needs_oip_url(info, "oip_mean")
+        return value
+
+    @field_validator("oip_std")
+    @classmethod
+    def _std(cls, value: list[float] | None, info) -> list[float] | None:
+        if "oip_mean" not in info.data:
+            return value  # oip_mean itself failed; its error says why
+        mean = info.data["oip_mean"]
+        if (mean is None) != (value is None):
+            raise ValueError("give oip_mean and oip_std together, or neither")
+        if value is not None:
+            if len(value) != len(mean) or not all(math.isfinite(v) and v > 0 for v in value):
+                raise ValueError(f"oip_std needs {len(mean)} finite values > 0, as many as oip_mean")
+        return value
+
 
     @property
     def whitebox_enabled(self) -> bool:
         """The white-box route exists only with both a token and a model."""
         return self.whitebox_token is not None and self.whitebox_model is not None
+
+
+def _needs_oip_url(info, field: str) -> None:
+    url = info.data.get("blackbox_url")
+    if url is not None and not is_oip_url(url):
+        raise ValueError(f"{field} applies to an Open Inference Protocol black box "
+                         f"(http(s)://host:port/v2/models/<name>); {url} takes image files over /predict")

@@ -311,7 +311,8 @@ def test_chunked_body_stops_being_read_past_the_limit(make_settings):
 # ---------------------------------------------------------------- concurrency and threads
 
 def test_counter_is_exact_under_200_concurrent_requests(make_settings):
-    app = create_app(make_settings(workers=2))
+    # All 200 arrive at once: a queue that holds them all (the default, 64, would refuse some with 503).
+    app = create_app(make_settings(workers=2, max_queue=200))
     blob = encode(noise_image(12))
     clients = ["alice", "bob", "carol", "anonymous"]
     plan = [(clients[i % 4], 1 + i % 3) for i in range(200)]  # (client, images in the request)
