@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from advexplain.shared.remote import NOT_READY, READY, UNREACHABLE
+from advexplain.shared.wire import CLIENT_ID_HEADER
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -387,7 +388,7 @@ class OipClassifier:
         height, width = (pixels.shape[1:3] if spec.layout == "NHWC" else pixels.shape[2:4])
         tensor = {"name": spec.name, "shape": spec.shape_for(n, int(height), int(width)), "datatype": spec.datatype,
                   "data": pixels.ravel().tolist()}
-        headers = {"X-Client-Id": self.client_id} if self.client_id else None
+        headers = {CLIENT_ID_HEADER: self.client_id} if self.client_id else None
         resp = self._request("POST", f"{self.endpoint.model_url}/infer",
                              json={"id": uuid.uuid4().hex, "inputs": [tensor]}, headers=headers)
         probs = self._parse_output(self._json(resp), n, spec.batched)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from advexplain.shared.pixels import encode_png
-from advexplain.shared.wire import PredictResponse
+from advexplain.shared.wire import CLIENT_ID_HEADER, PredictResponse
 
 if TYPE_CHECKING:
     from advexplain.shared.oip import OipClassifier
@@ -219,7 +219,7 @@ class RemoteClassifier:
 
     def _predict_chunk(self, files: Sequence[bytes]) -> torch.Tensor:
         parts = [("image", (f"{i}{_extension(data)}", data, _media_type(data))) for i, data in enumerate(files)]
-        resp = self._request("POST", "/predict", files=parts, headers={"X-Client-Id": self.client_id})
+        resp = self._request("POST", "/predict", files=parts, headers={CLIENT_ID_HEADER: self.client_id})
         probs = self._parse(resp, len(files))
         with self._lock:
             self._queries += len(files)

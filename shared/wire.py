@@ -1,6 +1,6 @@
 """The `/predict` wire contract: one set of models, used by the black box to answer and by clients to validate.
 
-    POST /predict  (multipart, field `image` repeated)
+    POST /predict  (multipart, field `image` repeated; header X-Client-Id, see CLIENT_ID)
     -> {"predictions": [{"label": str, "index": int, "probabilities": {class: p} | absent}], "queries": int}
 
 Predictions come in request order. A label-only box leaves `probabilities` out. `queries` (how many
@@ -11,7 +11,16 @@ class names a client trusts are its own (the surrogate's); `label` is matched ag
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# Who is asking: the header a client sends with every request and the box counts queries under.
+CLIENT_ID_HEADER = "X-Client-Id"
+MAX_CLIENT_ID = 64
+# Printable ASCII without spaces: it ends up in logs, headers and (bounded) metric labels.
+CLIENT_ID = re.compile(r"[!-~]{1,%d}" % MAX_CLIENT_ID)
+CLIENT_ID_RULE = f"1-{MAX_CLIENT_ID} printable ASCII characters without spaces"
 
 
 class Prediction(BaseModel):

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 
 from advexplain.shared.errors import InvalidInput
+from advexplain.shared.wire import CLIENT_ID, CLIENT_ID_HEADER, CLIENT_ID_RULE
 
 DEFAULT_CLIENT = "anonymous"
-MAX_CLIENT_ID = 64
 DEFAULT_MAX_CLIENTS = 10_000
-# Printable ASCII without spaces: it ends up in logs, headers and (bounded) metric labels.
-CLIENT_ID = re.compile(r"[!-~]{1,%d}" % MAX_CLIENT_ID)
 
 
 def parse_client_id(header: str | None) -> str:
@@ -20,7 +17,7 @@ def parse_client_id(header: str | None) -> str:
     if header is None or header == "":
         return DEFAULT_CLIENT
     if not CLIENT_ID.fullmatch(header):
-        raise InvalidInput(f"X-Client-Id must be 1-{MAX_CLIENT_ID} printable ASCII characters without spaces")
+        raise InvalidInput(f"{CLIENT_ID_HEADER} must be {CLIENT_ID_RULE}")
     return header
 
 

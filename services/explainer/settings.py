@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -15,9 +14,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from advexplain.services.common.settings import ServiceSettings, checkpoint_problem, usable_cpus
 from advexplain.shared.explain.base import MAX_QUERIES_LIMIT
 from advexplain.shared.oip import is_oip_url
+from advexplain.shared.wire import CLIENT_ID, CLIENT_ID_RULE
 
-# The black box's own rule for X-Client-Id (services/blackbox/counter.py): printable ASCII, no spaces.
-CLIENT_ID = re.compile(r"[!-~]{1,64}")
 MIN_TOKEN_LENGTH = 16
 QUEUE_PER_SLOT = 4
 
@@ -196,7 +194,7 @@ class ExplainerSettings(ServiceSettings):
     @classmethod
     def _client_id(cls, value: str) -> str:
         if not CLIENT_ID.fullmatch(value):
-            raise ValueError("client_id must be 1-64 printable ASCII characters without spaces")
+            raise ValueError(f"client_id must be {CLIENT_ID_RULE}")
         return value
 
     # How an OIP model wants FP32 pixels; a /predict black box takes image files, so there they are refused.
