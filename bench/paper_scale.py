@@ -31,7 +31,8 @@ from advexplain.shared.data import load_images, load_photos, sample_fraction  # 
 from advexplain.shared.distill import distill_labels  # noqa: E402
 from advexplain.shared.explain import EnsembleSurrogate, explain  # noqa: E402
 from advexplain.shared.models import ModelConfig  # noqa: E402
-from advexplain.shared.training import channel_stats, pick_device, predict, train_model  # noqa: E402
+from advexplain.shared.devices import pick_device
+from advexplain.shared.training import channel_stats, predict, train_model  # noqa: E402
 
 
 class Log:

@@ -21,14 +21,6 @@ COLLAPSE_SHARE = 0.98
 COLLAPSE_INFORMEDNESS = 0.05
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
-
-
 def channel_stats(images: ImageSet) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of the [0,1] training images (std floored to avoid dividing by ~0)."""
     x = images.images.float().div_(255.0)

@@ -12,7 +12,8 @@ from advexplain.shared.data import BUILTIN, fingerprint, load_images, sample_fra
 from advexplain.shared.models import ModelConfig
 from advexplain.shared.distill import distill_labels
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.training import channel_stats, pick_device, predict, train_model
+from advexplain.shared.devices import pick_device
+from advexplain.shared.training import channel_stats, predict, train_model
 
 # The paper's schedule (Adam, lr 0.001, batch 64; 20 epochs black box, 50 surrogate).
 PAPER_EPOCHS = {"blackbox": 20, "surrogate": 50}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
 from advexplain.shared.checkpoints import CONFIG, WEIGHTS
+from advexplain.shared.devices import pick_device
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -48,18 +48,9 @@ class ServiceSettings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_available(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
-        if value.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {value} was asked for but torch sees no CUDA device")
-            index = int(value.partition(":")[2] or 0)
-            if index >= torch.cuda.device_count():
-                raise ValueError(f"device {value}: only {torch.cuda.device_count()} CUDA device(s)")
+        pick_device(value)  # its ValueError becomes the validation error
         return value
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return pick_device(self.device)
