@@ -1,6 +1,6 @@
 """Run `advexplain serve <service>` as a child process on loopback: start, wait for /healthz, stop.
 
-Used by `make up`, the integration tests and the benchmarks, so all of them run the services
+Used by `make up` (advexplain/up.py), the integration tests and the benchmarks, so all of them run the services
 exactly as an operator does.
 """
 
@@ -58,29 +58,35 @@ class ServiceProcess:
     """One `advexplain serve <service>` child on a loopback port, its output in a log file."""
 
     def __init__(self, service: str, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
-                 log_dir: Path | None = None, health_path: str = "/healthz", threads: int | None = 1):
+                 log_dir: Path | None = None, health_path: str = "/healthz", threads: int | None = 1,
+                 host: str = "127.0.0.1", console: bool = False, new_session: bool = False):
         """`threads`: `advexplain --threads N` (one torch thread by default, for tests on shared cores);
-        None leaves it to the service's own default (the explainer's: cores / (workers x concurrency))."""
+        None leaves it to the service's own default (the explainer's: cores / (workers x concurrency)).
+        `console`: the child writes to this process's terminal instead of a log file (`make up`).
+        `new_session`: the child gets its own session, so a Ctrl-C in the terminal reaches only the
+        caller, which then stops its children in order."""
         self.service = service
         self.threads = threads
         self.health_path = health_path  # e.g. /v2/models/blackbox/ready for `serve blackbox --protocol oip`
+        self.host = host
         self.port = port or free_port()
         self.args = args
+        self.new_session = new_session
         self.env = {**os.environ, "ADVEXPLAIN_THREADS": str(threads or 1), **(env or {})}
         # Multiprocess metrics are per service: a folder inherited from the caller would mix two services.
         if "PROMETHEUS_MULTIPROC_DIR" not in (env or {}):
             self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.log_path = (log_dir or Path("/tmp")) / f"{service}-{self.port}.log"
+        self.log_path = None if console else (log_dir or Path("/tmp")) / f"{service}-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         threads = [] if self.threads is None else ["--threads", str(self.threads)]
         return [sys.executable, "-m", "advexplain", *threads, "serve", self.service,
-                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+                "--host", self.host, "--port", str(self.port), *self.args]
 
     def pids(self) -> list[int]:
         """The process and all its descendants (uvicorn's workers under `--workers N`), from /proc."""
@@ -89,8 +95,12 @@ class ServiceProcess:
         return process_tree(self.proc.pid)
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> "ServiceProcess":
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if self.log_path is None:
+            self.proc = subprocess.Popen(self.command(), env=self.env, start_new_session=self.new_session)
+        else:
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=self.new_session)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -99,7 +109,7 @@ class ServiceProcess:
         wait_healthy(self.url, self.proc, timeout, self.log_path, self.health_path)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path and self.log_path.exists() else ""
 
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)

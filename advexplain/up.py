@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from advexplain.launch import wait_healthy
+from advexplain.launch import ServiceProcess
 
 
 def write_samples(blackbox: Path, out: Path, count: int) -> list[tuple[Path, str]]:
@@ -61,39 +61,33 @@ def main() -> int:
     parser.add_argument("--samples", type=Path, default=Path("samples"))
     args = parser.parse_args()
 
-    cli = [sys.executable, "-m", "advexplain"]
     token = os.environ.get("EXPLAINER_WHITEBOX_TOKEN") or secrets.token_urlsafe(24)
-    blackbox_url = f"http://{args.host}:{args.blackbox_port}"
-    explainer_url = f"http://{args.host}:{args.explainer_port}"
-    env = {**os.environ, "EXPLAINER_WHITEBOX_TOKEN": token, "ADVEXPLAIN_THREADS": os.environ.get("ADVEXPLAIN_THREADS", "1")}
-    procs: list[subprocess.Popen] = []
+    env = {"EXPLAINER_WHITEBOX_TOKEN": token, "ADVEXPLAIN_THREADS": os.environ.get("ADVEXPLAIN_THREADS", "1")}
+    # Both write to this terminal; in their own sessions, so Ctrl-C reaches this process only, which
+    # then stops them in order (explainer first) and waits for their clean shutdown.
+    launch = dict(env=env, host=args.host, threads=None, console=True, new_session=True)
+    blackbox = ServiceProcess("blackbox", ["--model", str(args.models / "blackbox")], port=args.blackbox_port,
+                              **launch)
+    explainer = ServiceProcess("explainer", ["--surrogate", str(args.models / "surrogate"),
+                                             "--blackbox-url", blackbox.url,
+                                             "--whitebox-model", str(args.models / "blackbox")],
+                               port=args.explainer_port, **launch)
+    services = [blackbox, explainer]
     stopping = []
-    # Ctrl-C reaches this process only (the services run in their own sessions), which then stops
-    # both services in order and waits for their clean shutdown.
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
 
     def stop(*_):
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in procs:
+        for service in reversed(services):
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                service.stop(timeout=10)
+            except subprocess.TimeoutExpired:  # stop() has killed it
+                pass
 
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    blackbox_url, explainer_url = blackbox.url, explainer.url
     try:
-        procs.append(subprocess.Popen(cli + ["serve", "blackbox", "--model", str(args.models / "blackbox"),
-                                             "--host", args.host, "--port", str(args.blackbox_port)], env=env,
-                                      start_new_session=True))
-        wait_healthy(blackbox_url, procs[0], timeout=60)
-        procs.append(subprocess.Popen(cli + ["serve", "explainer", "--surrogate", str(args.models / "surrogate"),
-                                             "--blackbox-url", blackbox_url,
-                                             "--whitebox-model", str(args.models / "blackbox"),
-                                             "--host", args.host, "--port", str(args.explainer_port)], env=env,
-                                      start_new_session=True))
-        wait_healthy(explainer_url, procs[1], timeout=60)
+        blackbox.start(timeout=60)
+        explainer.start(timeout=60)
         samples = write_samples(args.models / "blackbox", args.samples, count=4)
         sample, label = samples[0] if samples else (Path("your-image.png"), "<true label>")
         print(f"""
@@ -113,7 +107,7 @@ Ask the black box directly:
   curl -s -H 'X-Client-Id: me' -F image=@{sample} {blackbox_url}/predict
 
 Ctrl-C stops both services.""", flush=True)
-        while all(proc.poll() is None for proc in procs):
+        while all(service.proc.poll() is None for service in services):
             if stopping:
                 print("\nstopping both services", flush=True)
                 return 0

@@ -14,9 +14,7 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,14 +23,10 @@ import httpx
 import torch
 from PIL import Image
 
+from advexplain.launch import ServiceProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "blackbox_throughput.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_images(n: int, size: int, seed: int = 0) -> list[bytes]:
@@ -72,28 +66,6 @@ def summarise(latencies: list[float], batch: int) -> dict:
     }
 
 
-def start_server(model: Path, port: int, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "advexplain", "--threads", str(threads), "serve", "blackbox",
-           "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def wait_ready(client: httpx.Client, url: str, server: subprocess.Popen, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited ({server.returncode}): {server.stderr.read().decode()[-2000:]}")
-        try:
-            resp = client.get(f"{url}/healthz")
-            if resp.status_code == 200:
-                return resp.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the server at {url} was not ready after {timeout:.0f}s")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "blackbox")
@@ -115,12 +87,16 @@ def main() -> int:
     images = png_images(max(args.batch_sizes), size)
 
     rows = []
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(args.model, port, args.threads)
+    server = ServiceProcess("blackbox", ["--model", str(args.model), "--device", "cpu", "--log-level", "warning"],
+                            threads=args.threads)
+    url = server.url
     try:
+        try:
+            server.start(timeout=60)
+        except RuntimeError as exc:  # it exited or never got ready; the message carries its log
+            raise SystemExit(str(exc)) from None
         with httpx.Client(timeout=60.0) as client:
-            health = wait_ready(client, url, server)
+            health = client.get(f"{url}/healthz").json()
             for batch in args.batch_sizes:
                 files = [("image", (f"{i}.png", images[i], "image/png")) for i in range(batch)]
 
@@ -147,11 +123,7 @@ def main() -> int:
                 })
             metrics = client.get(f"{url}/metrics").text
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
     counted = next((line.split()[-1] for line in metrics.splitlines()
                     if line.startswith("blackbox_queries_all_total ")), "?")
