@@ -41,6 +41,7 @@ from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier, fit_to_size
 from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.data import load_photos
+from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.pixels import quantise
 from advexplain.shared.saliency import pixel_magnitude, saliency_map
 from bench.common import RESULTS, auc, fmt, gaussian_blur, markdown_table, rank_order, write_json
@@ -74,16 +75,11 @@ def _photos(data: str, split: str):
 
 def _screen(setup_probs, photos, labels, limit):
     """Indices of the photos the box gets wrong (evaluation bookkeeping: not counted as queries)."""
-    wrong, predicted = [], []
-    for i, (x, y) in enumerate(zip(photos, labels)):
-        p = int(setup_probs(x.unsqueeze(0)).argmax(1))
-        if p != y:
-            wrong.append(i)
-            predicted.append(p)
-    misclassified = len(wrong)
+    mistakes = find_mistakes(lambda x: int(setup_probs(x.unsqueeze(0)).argmax(1)), photos, labels)
+    misclassified = len(mistakes)
     if limit:
-        wrong, predicted = wrong[:limit], predicted[:limit]
-    return wrong, predicted, misclassified
+        mistakes = mistakes[:limit]
+    return [i for i, _ in mistakes], [p for _, p in mistakes], misclassified
 
 
 def load_setup(args) -> Setup:
