@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from advexplain.launch import ServiceProcess
 
@@ -125,8 +126,8 @@ def main() -> int:
     finally:
         server.stop()
 
-    counted = next((line.split()[-1] for line in metrics.splitlines()
-                    if line.startswith("blackbox_queries_all_total ")), "?")
+    counted = next((int(sample.value) for family in text_string_to_metric_families(metrics)
+                    for sample in family.samples if sample.name == "blackbox_queries_all_total"), "?")
     result = {
         "benchmark": "blackbox_throughput",
         "model": str(args.model), "image_size": size, "classes": health["classes"],

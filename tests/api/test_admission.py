@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 import advexplain.services.explainer.settings as settings_module
@@ -24,6 +23,7 @@ from advexplain.services.common.admission import QUEUE_FULL, WAITED_TOO_LONG, Ad
 from advexplain.services.common.errors import Overloaded
 from advexplain.services.explainer.app import create_app as create_explainer
 from advexplain.services.explainer.settings import ExplainerSettings
+from tests.metrics import metric
 
 CLIENT = "explainer-under-test"
 
@@ -32,14 +32,6 @@ def png(seed: int = 0, size=(48, 40)) -> bytes:
     buf = io.BytesIO()
     Image.effect_noise(size, 40 + seed).convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
-
-
-def sample(text: str, name: str, **labels) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def assert_overloaded(resp: httpx.Response) -> int:
@@ -219,9 +211,9 @@ def test_explainer_refuses_past_its_queue_with_503_overloaded_and_no_query(box, 
     assert after == before  # refused before any work: no black-box query
     assert health.status_code == 200  # busy, not dead
     assert done.status_code == 200
-    assert sample(metrics, "explainer_admission_refused_total", reason=QUEUE_FULL) == 1
-    assert sample(metrics, "explainer_errors_total", code="overloaded", status="503") == 1
-    assert sample(metrics, "explainer_explanations_total", route="blackbox", outcome="error") == 0
+    assert metric(metrics, "explainer_admission_refused_total", reason=QUEUE_FULL) == 1
+    assert metric(metrics, "explainer_errors_total", code="overloaded", status="503") == 1
+    assert metric(metrics, "explainer_explanations_total", route="blackbox", outcome="error") == 0
 
 
 def test_explainer_serves_max_concurrency_explanations_at_once(box, explainer_settings, monkeypatch):
@@ -289,8 +281,8 @@ def test_black_box_refuses_past_its_queue_and_counts_only_what_it_classified(tin
     assert_overloaded(refused)
     assert health.status_code == 200 and done.status_code == 200
     assert done.headers["X-Query-Count"] == "1"  # the refused request counted nothing
-    assert sample(metrics, "blackbox_queries_total", client="alice") == 1
-    assert sample(metrics, "blackbox_admission_refused_total", reason=QUEUE_FULL) == 1
+    assert metric(metrics, "blackbox_queries_total", client="alice") == 1
+    assert metric(metrics, "blackbox_admission_refused_total", reason=QUEUE_FULL) == 1
 
 
 def test_black_box_wait_limit(tiny_models, monkeypatch):
@@ -321,7 +313,7 @@ def test_black_box_wait_limit(tiny_models, monkeypatch):
 
     refused, metrics = asyncio.run(main())
     assert_overloaded(refused)
-    assert sample(metrics, "blackbox_admission_refused_total", reason=WAITED_TOO_LONG) == 1
+    assert metric(metrics, "blackbox_admission_refused_total", reason=WAITED_TOO_LONG) == 1
 
 
 # ---------------------------------------------------------------- settings

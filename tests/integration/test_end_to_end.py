@@ -14,6 +14,7 @@ from PIL import Image
 
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.data import load_images
+from tests.metrics import metric
 
 pytestmark = pytest.mark.integration
 
@@ -54,11 +55,7 @@ def explain(explainer_url: str, png: bytes, label: str, path: str = "/explain", 
 
 def blackbox_total(blackbox_url: str, client: str) -> int:
     """The black box's own counter for one client, read from /metrics."""
-    text = httpx.get(f"{blackbox_url}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith("blackbox_queries_total{") and f'client="{client}"' in line:
-            return int(float(line.rsplit(" ", 1)[1]))
-    return 0
+    return int(metric(httpx.get(f"{blackbox_url}/metrics", timeout=5).text, "blackbox_queries_total", client=client))
 
 
 def test_explanation_over_http_round_trips(pair, tiny_models):

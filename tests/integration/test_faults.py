@@ -38,11 +38,7 @@ def explain(url: str, png: bytes, timeout: float = 30.0, path: str = "/explain",
 
 
 def box_count(box_url: str, client: str = EXPLAINER_ID) -> int:
-    text = httpx.get(f"{box_url}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith("blackbox_queries_total{") and f'client="{client}"' in line:
-            return int(float(line.rsplit(" ", 1)[1]))
-    return 0
+    return int(metric(httpx.get(f"{box_url}/metrics", timeout=5).text, "blackbox_queries_total", client=client))
 
 
 def assert_error(resp: httpx.Response, statuses: set[int]) -> str:

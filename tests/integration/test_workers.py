@@ -13,7 +13,8 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.metrics import metric
 
 pytestmark = pytest.mark.integration
 
@@ -30,15 +31,6 @@ def photos(count: int, size=(96, 80)) -> list[bytes]:
         Image.fromarray(arr, "RGB").save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def explain_all(url: str, images: list[bytes], clients: int, rounds: int) -> list[httpx.Response]:
