@@ -1,4 +1,8 @@
-"""Typed domain errors; the services map each to one HTTP status in a single handler table."""
+"""Typed domain errors; the services map each to one HTTP status in a single handler table.
+
+Nothing here knows HTTP: response headers and the errors only a service raises (not ready,
+overloaded, credentials) live in services/common/errors.py.
+"""
 
 from __future__ import annotations
 
@@ -40,14 +44,6 @@ class PayloadTooLarge(InvalidInput):
     code = "payload_too_large"
 
 
-class Unauthorized(AdvexplainError):
-    code = "unauthorized"
-
-
-class Forbidden(AdvexplainError):
-    code = "forbidden"
-
-
 class UpstreamError(AdvexplainError):
     """The black box could not give an answer."""
 
@@ -64,7 +60,3 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamBadResponse(UpstreamError):
     code = "blackbox_bad_response"
-
-
-class QueryBudgetExceeded(AdvexplainError):
-    code = "query_budget_exceeded"

@@ -126,7 +126,7 @@ class BlackboxModel(kserve.Model):
             probs, total = await blackbox.predict_tensor(x, client)
         except Overloaded as exc:
             # KServe has no 503 error of its own for a busy model; FastAPI's HTTPException keeps Retry-After.
-            raise HTTPException(503, detail=exc.message, headers=exc.details["headers"]) from exc
+            raise HTTPException(503, detail=exc.message, headers=exc.headers) from exc
         if response_headers is not None:
             response_headers["X-Query-Count"] = str(total)
         if self.settings.output == "label":

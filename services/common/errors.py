@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,11 +16,8 @@ from advexplain.shared.errors import (
     AdvexplainError,
     CheckpointError,
     DataError,
-    Forbidden,
     InvalidInput,
     PayloadTooLarge,
-    QueryBudgetExceeded,
-    Unauthorized,
     UnsupportedMediaType,
     UpstreamBadResponse,
     UpstreamError,
@@ -31,17 +28,40 @@ from advexplain.shared.errors import (
 log = logging.getLogger(__name__)
 
 
-class ServiceNotReady(AdvexplainError):
+class ServiceError(AdvexplainError):
+    """An error only a service raises. `headers` go out with its answer (Retry-After, WWW-Authenticate);
+    the library's errors carry none, so HTTP stays out of advexplain.shared."""
+
+    code = "service_error"
+
+    def __init__(self, message: str, headers: Mapping[str, str] | None = None, **details: object):
+        super().__init__(message, **details)
+        self.headers = dict(headers or {})
+
+
+class ServiceNotReady(ServiceError):
     """The model is not loaded (yet): the service answers /healthz and /metrics only."""
 
     code = "not_ready"
 
 
-class Overloaded(AdvexplainError):
+class Overloaded(ServiceError):
     """Refused at the door (services/common/admission.py): the queue is full, or the wait for a slot ran
     out. A 503 with Retry-After, so a client can tell a busy service from a dead one."""
 
     code = "overloaded"
+
+
+class Unauthorized(ServiceError):
+    """No bearer token on a route that needs one (answered with WWW-Authenticate)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A bearer token that is not valid for the route."""
+
+    code = "forbidden"
 
 
 # The single error -> status table. Lookup walks the exception's MRO, so a subclass without its own
@@ -53,7 +73,6 @@ STATUS: dict[type[AdvexplainError], int] = {
     PayloadTooLarge: 413,
     Unauthorized: 401,
     Forbidden: 403,
-    QueryBudgetExceeded: 429,
     UpstreamError: 502,
     UpstreamBadResponse: 502,
     UpstreamUnavailable: 503,
@@ -105,7 +124,6 @@ DESCRIPTIONS = {
     413: "Too many files, body over the byte limit, or an image over the pixel limit",
     415: "Not an image, or an image format that is not accepted",
     422: "The request does not have the documented form (e.g. no `image` field)",
-    429: "Query budget exceeded",
     431: "Too many header lines, or too many bytes of headers",
     502: "The black box gave an unusable answer",
     503: "Not ready, overloaded (`overloaded`, with Retry-After), or the black box is unreachable",
@@ -146,9 +164,7 @@ def install_error_handlers(app: FastAPI, on_error: OnError | None = None) -> Non
             log.debug("%s %s refused: %s", request.method, request.url.path, exc.message)
         elif status >= 500:
             log.error("%s %s failed: %s: %s", request.method, request.url.path, exc.code, exc.message)
-        # An error may carry response headers (e.g. Unauthorized(..., headers={"WWW-Authenticate": "Bearer"})).
-        headers = exc.details.get("headers")
-        return answer(status, exc.code, exc.message, headers if isinstance(headers, dict) else None)
+        return answer(status, exc.code, exc.message, exc.headers if isinstance(exc, ServiceError) else None)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []

@@ -8,13 +8,12 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from advexplain.services.common.errors import OnError, error_response
-from advexplain.shared.errors import AdvexplainError, Forbidden, Unauthorized
+from advexplain.services.common.errors import Forbidden, OnError, ServiceError, Unauthorized, error_response
 
 WHITEBOX_PREFIX = "/internal/"
 
 
-def token_problem(authorization: bytes | None, expected: SecretStr) -> AdvexplainError | None:
+def token_problem(authorization: bytes | None, expected: SecretStr) -> ServiceError | None:
     """None when `authorization` (the raw header bytes) is `Bearer <expected>`, else the error to answer.
 
     Raw bytes, not Starlette's latin-1 text, so a non-ASCII token compares as the UTF-8 it was set as;
@@ -54,7 +53,7 @@ class TokenGuardMiddleware:
                 if self.on_error is not None:
                     self.on_error(problem.code, status)
                 # Not keeping the connection: the unread body must not be parsed as the next request.
-                headers = {**problem.details.get("headers", {}), "Connection": "close"}
+                headers = {**problem.headers, "Connection": "close"}
                 await error_response(status, problem.code, problem.message, headers)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -68,7 +68,7 @@ def test_the_queue_holds_max_queue_and_refuses_the_next_at_once():
 
     results, refused, refused_in, admission = asyncio.run(main())
     assert results == [1, 2] and refused_in < 0.1
-    assert refused.details["reason"] == QUEUE_FULL and int(refused.details["headers"]["Retry-After"]) >= 1
+    assert refused.details["reason"] == QUEUE_FULL and int(refused.headers["Retry-After"]) >= 1
     assert (admission.running, admission.waiting) == (0, 0)
     assert registry.get_sample_value("t_admission_refused_total", {"reason": QUEUE_FULL}) == 1
     assert registry.get_sample_value("t_admission_wait_seconds_count") == 2
