@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.metrics import metric
+
 pytestmark = pytest.mark.integration
 
 EXPLAINER_ID = "advexplain-explainer"
