@@ -37,7 +37,9 @@ def pair4(service_factory, tiny4):
     blackbox = service_factory("blackbox", ["--model", str(tiny4["blackbox"])]).start()
     explainer = service_factory(
         "explainer",
-        ["--surrogate", str(tiny4["surrogate"]), "--blackbox-url", blackbox.url,
+        # The black box's own weights as the surrogate: what is tested is `target` through both routes
+        # (queries, counts, the answer, the returned PNG), not how well a tiny surrogate transfers.
+        ["--surrogate", str(tiny4["blackbox"]), "--blackbox-url", blackbox.url,
          "--whitebox-model", str(tiny4["blackbox"])],
         env={"EXPLAINER_WHITEBOX_TOKEN": token, "EXPLAINER_READ_TIMEOUT": "10"},
     ).start()
@@ -96,7 +98,9 @@ def test_correct_photos_toward_every_other_class_through_both_routes(pair4):
                 # Black-box route: every image sent is one the box counted. White-box: the real model
                 # answers in-process and the black box counts nothing.
                 assert spent == (body["queries"] if path == "/explain" else 0)
-                assert body["search_queries"] == body["queries"] - 1 >= 1
+                # A failure may ask nothing after the first prediction (rounds the gradient source itself
+                # cannot move to the target are skipped without a query); a success asked at least once.
+                assert body["search_queries"] == body["queries"] - 1 >= (1 if body["success"] else 0)
                 if not body["success"]:
                     assert body["failure_reason"] and body["final_prediction"] != target
                     continue
