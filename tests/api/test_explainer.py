@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -152,7 +153,10 @@ def check_explanation(body: dict, true_label: int, box: TestClient, queries: int
     assert body["search_queries"] == body["queries"] - 1 and len(body["trace"]) == body["queries"]
     assert body["trace"][-1]["prediction"] == CLASSES.index(body["final_prediction"])
     assert body["queries"] <= body["max_queries"]
-    pngs = {name: base64.b64decode(body["images"][name], validate=True) for name in ("saliency", "overlay", "adversarial", "panel")}
+    pngs = {
+        name: base64.b64decode(body["images"][name], validate=True)
+        for name in ("saliency", "overlay", "adversarial", "panel")
+    }
     images = {name: decode_png(data) for name, data in pngs.items()}
     for name in ("adversarial", "saliency", "overlay"):
         assert images[name].size == PHOTO, f"{name} must come back at the upload's size"
@@ -347,7 +351,7 @@ def test_whitebox_token_rules(whitebox, box, cases):
     assert_error(whitebox.post(route, headers={"Authorization": f"Basic {TOKEN}"}, **upload(image, label)), 401)
     assert_error(whitebox.post(route, headers={"Authorization": "Bearer "}, **upload(image, label)), 401)
     for wrong in (TOKEN[:-1], TOKEN + "x", TOKEN.upper(), "é" * 20):
-        header = f"Bearer {wrong}".encode("utf-8")
+        header = f"Bearer {wrong}".encode()
         assert_error(whitebox.post(route, headers={"Authorization": header}, **upload(image, label)), 403, "forbidden")
     assert TOKEN not in whitebox.get("/openapi.json").text
     assert counted(box) == 0
@@ -366,6 +370,28 @@ def test_whitebox_explains_with_the_real_model_without_querying_the_black_box(wh
         assert answer["predictions"][0]["label"] == CLASSES[label]
     assert counted(box) == 0
     assert "/internal/whitebox/explain" in whitebox.get("/openapi.json").json()["paths"]
+
+
+def test_tau_reaches_the_returned_saliency_map(whitebox, cases):
+    """The same search (white-box: deterministic, always succeeds) under two fences gives two maps.
+
+    beta is not checked here: the PNG scales the map by its own maximum, so boosting every kept
+    pixel by the same beta renders identically (tests/unit/test_saliency.py checks beta on the map).
+    """
+    image, label, _ = cases[0]
+
+    def explained(tau: str) -> tuple[dict, bytes]:
+        resp = whitebox.post("/internal/whitebox/explain", headers={"Authorization": f"Bearer {TOKEN}"},
+                             **upload(image, CLASSES[label], tau=tau))
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["success"] and body["tau"] == float(tau)
+        return body, base64.b64decode(body["images"]["saliency"])
+
+    (low, low_map), (high, high_map) = explained("0.5"), explained("3")
+    assert low["images"]["adversarial"] == high["images"]["adversarial"], "the search itself does not depend on tau"
+    kept = [(np.asarray(decode_png(png).convert("L")) > 0).sum() for png in (low_map, high_map)]
+    assert kept[0] > kept[1] > 0, kept  # a higher fence keeps fewer pixels
 
 
 # ---------------------------------------------------------------- the black box failing
@@ -390,7 +416,10 @@ def fake_box(predict) -> httpx.Client:
 ])
 def test_black_box_answering_5xx_or_junk(settings_for, cases, predict, status, code):
     image, label, _ = cases[0]
-    with fake_box(predict) as http, TestClient(create_app(settings_for(blackbox_url="http://fake"), blackbox_client=http)) as c:
+    with (
+        fake_box(predict) as http,
+        TestClient(create_app(settings_for(blackbox_url="http://fake"), blackbox_client=http)) as c,
+    ):
         assert_error(c.post("/explain", **upload(image, label)), status, code)
         assert c.get("/healthz").json()["surrogate"] is True  # the explainer stays up
         errors = samples(c.get("/metrics").text)["explainer_explanations_total"]
@@ -623,9 +652,22 @@ def test_cli_builds_the_settings_from_flags_and_env(tiny_models, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("EXPLAINER_WHITEBOX_TOKEN", TOKEN)
-    argv = ["serve", "explainer", "--surrogate", str(tiny_models["surrogate"]), "--surrogate", str(tiny_models["blackbox"]),
-            "--blackbox-url", "http://127.0.0.1:8123", "--whitebox-model", str(tiny_models["blackbox"]),
-            "--host", "127.0.0.1", "--port", "8124"]
+    argv = [
+        "serve",
+        "explainer",
+        "--surrogate",
+        str(tiny_models["surrogate"]),
+        "--surrogate",
+        str(tiny_models["blackbox"]),
+        "--blackbox-url",
+        "http://127.0.0.1:8123",
+        "--whitebox-model",
+        str(tiny_models["blackbox"]),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8124",
+    ]
     args = build_parser().parse_args(argv)
     assert args.handler(args) == 0
     settings = seen["app"].state.settings

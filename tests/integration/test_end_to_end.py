@@ -61,6 +61,7 @@ def blackbox_total(blackbox_url: str, client: str) -> int:
 def test_explanation_over_http_round_trips(pair, tiny_models):
     blackbox, explainer, token = pair
     samples = misclassified_pngs(tiny_models["blackbox"], 3)
+    explained = []
     for png, label in samples:
         before = blackbox_total(blackbox.url, "advexplain-explainer")
         response = explain(explainer.url, png, label)
@@ -69,8 +70,11 @@ def test_explanation_over_http_round_trips(pair, tiny_models):
         after = blackbox_total(blackbox.url, "advexplain-explainer")
         assert body["queries"] == after - before, "reported queries equal the black box's counter delta"
         assert body["search_queries"] == body["queries"] - 1
-        if not body["success"]:
-            continue
+        if body["success"]:
+            explained.append((body, label))
+    # A run where every search fails would check nothing below: the round trip must explain something.
+    assert explained, f"none of the {len(samples)} misclassified images was explained over HTTP"
+    for body, label in explained:
         assert body["final_prediction"] == label
         adversarial = base64.b64decode(body["images"]["adversarial"])
         check = httpx.post(f"{blackbox.url}/predict", files={"image": ("adv.png", adversarial, "image/png")},

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -57,7 +56,9 @@ def parse_dockerfile(path: Path) -> dict:
     return out
 
 
-DOCKERFILES = {name: parse_dockerfile(ROOT / SERVICES[name]["build"]["dockerfile"]) for name in ("blackbox", "explainer")}
+DOCKERFILES = {
+    name: parse_dockerfile(ROOT / SERVICES[name]["build"]["dockerfile"]) for name in ("blackbox", "explainer")
+}
 
 
 def compose_env(service: str) -> dict[str, str]:
@@ -155,12 +156,6 @@ def test_dockerfile_is_slim_non_root_and_copies_what_exists(service):
     assert cmd[0] == "advexplain"
     args = build_parser().parse_args(cmd[1:])
     assert args.command == "serve" and args.service == service
-
-
-def test_torch_is_pinned_where_the_images_install_it():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "torch==2.14.1" in project["dependencies"]
-    assert "advexplain" in project["scripts"]
 
 
 def test_train_command_parses_with_the_cli():

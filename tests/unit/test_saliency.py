@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU, pixel_magnitude, quartiles, saliency_map, saliency_maps
+from advexplain.shared.saliency import (
+    DEFAULT_BETA,
+    DEFAULT_TAU,
+    pixel_magnitude,
+    quartiles,
+    saliency_map,
+    saliency_maps,
+)
 
 
 def grid(values):
@@ -57,3 +64,19 @@ def test_bad_parameters(tau, beta):
         saliency_map(grid([0, 1, 2, 3]), tau=tau, beta=beta)
     with pytest.raises(InvalidInput):
         saliency_map(None)
+
+
+def test_tau_and_beta_change_the_map_of_a_real_sized_perturbation():
+    perturbation = torch.randn(3, 40, 30, generator=torch.Generator().manual_seed(0))
+    magnitude = pixel_magnitude(perturbation)
+    base = saliency_map(perturbation, tau=0.5, beta=2.0)
+    higher_fence = saliency_map(perturbation, tau=1.5, beta=2.0)
+    bigger_boost = saliency_map(perturbation, tau=0.5, beta=5.0)
+    kept, kept_higher = base > 0, higher_fence > 0
+    # tau moves the fence: a higher one keeps a strict subset of the pixels.
+    assert 0 < kept_higher.sum() < kept.sum() and not (kept_higher & ~kept).any()
+    # beta boosts what is kept and nothing else: same pixels, values scaled by the ratio.
+    assert torch.equal(bigger_boost > 0, kept) and not torch.equal(bigger_boost, base)
+    assert torch.allclose(bigger_boost[kept], magnitude[kept] * 5.0) and torch.allclose(
+        base[kept], magnitude[kept] * 2.0
+    )
