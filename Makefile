@@ -8,14 +8,21 @@ MODELS ?= models
 THREADS ?= 2
 export ADVEXPLAIN_THREADS ?= $(THREADS)
 
-.PHONY: install models up test test-fast demo clean-models
+.PHONY: install models up test test-fast lint demo clean-models
 
-install: $(STAMP)
+install: $(STAMP) $(VENV)/mypy-path/advexplain/shared
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
 	@touch $(STAMP)
+
+# mypy checks the library as the package it installs as (advexplain.shared). The editable install maps
+# shared/ there with an import hook mypy cannot follow, so mypy reads this link tree (pyproject's mypy_path).
+$(VENV)/mypy-path/advexplain/shared: | $(STAMP)
+	@mkdir -p $(VENV)/mypy-path/advexplain
+	@ln -sfn $(CURDIR)/advexplain/__init__.py $(VENV)/mypy-path/advexplain/__init__.py
+	@ln -sfn $(CURDIR)/shared $@
 
 # Train the default (CPU-sized) models on the built-in elpv data only when they are missing.
 models: install $(MODELS)/blackbox/config.json $(MODELS)/surrogate/config.json
@@ -36,7 +43,12 @@ demo: install
 	  --surrogate $(MODELS)/surrogate --mode blackbox --out reports/demo
 	@echo "report: reports/demo/report.md"
 
-test: install
+# Lint and type-check first: both take seconds, the suite takes minutes.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-fast: install

@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     from advexplain.commands import evaluate, serve, train
 
     parser = argparse.ArgumentParser(prog="advexplain", description=__doc__)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: ADVEXPLAIN_THREADS or 2)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: ADVEXPLAIN_THREADS or 2)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train, evaluate, serve):
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     set_threads(args.threads)
     try:
         return int(args.handler(args) or 0)

@@ -94,7 +94,7 @@ class ServiceProcess:
             return []
         return process_tree(self.proc.pid)
 
-    def start(self, wait: bool = True, timeout: float = 60.0) -> "ServiceProcess":
+    def start(self, wait: bool = True, timeout: float = 60.0) -> ServiceProcess:
         if self.log_path is None:
             self.proc = subprocess.Popen(self.command(), env=self.env, start_new_session=self.new_session)
         else:

@@ -90,7 +90,10 @@ def main() -> int:
         explainer.start(timeout=60)
         samples = write_samples(args.models / "blackbox", args.samples, count=4)
         sample, label = samples[0] if samples else (Path("your-image.png"), "<true label>")
-        print(f"""
+        whitebox_curl = (f"curl -s -H 'Authorization: Bearer {token}' -F image=@{sample} -F label={label} "
+                         f"{explainer_url}/internal/whitebox/explain | head -c 600")
+        print(
+            f"""
 advexplain is up
   black box  {blackbox_url}   (POST /predict, GET /healthz, GET /metrics)
   explainer  {explainer_url}   (POST /explain, POST /internal/whitebox/explain, docs at {explainer_url}/docs)
@@ -102,11 +105,13 @@ Explain a misclassification (black box, Algorithm 3 and better):
 Get the panel PNG straight away:
   curl -s -H 'Accept: image/png' -F image=@{sample} -F label={label} {explainer_url}/explain -o panel.png
 White box (the real model's gradients; add -F method=paper for the published Algorithm 1):
-  curl -s -H 'Authorization: Bearer {token}' -F image=@{sample} -F label={label} {explainer_url}/internal/whitebox/explain | head -c 600
+  {whitebox_curl}
 Ask the black box directly:
   curl -s -H 'X-Client-Id: me' -F image=@{sample} {blackbox_url}/predict
 
-Ctrl-C stops both services.""", flush=True)
+Ctrl-C stops both services.""",
+            flush=True,
+        )
         while all(service.proc.poll() is None for service in services):
             if stopping:
                 print("\nstopping both services", flush=True)

@@ -1,1 +1,1 @@
-"""Reproducible benchmarks: each script prints a table and writes JSON under bench/results/ (`python -m bench.<name>`)."""
+"""Reproducible benchmarks: each prints a table and writes JSON under bench/results/ (`python -m bench.<name>`)."""

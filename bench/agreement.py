@@ -18,12 +18,25 @@ Pairs are only formed where both searches succeeded. Prints a markdown table, wr
 
 from __future__ import annotations
 
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 import torch
 
-from bench.common import (OUR_SETTINGS, base_parser, fmt, load_bench, magnitude_map, markdown_table, mean, median,
-                    run_ours, seed_everything, spearman, topk_iou, write_json)
 from advexplain.shared.saliency import saliency_map
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
+from bench.common import (
+    OUR_SETTINGS,
+    base_parser,
+    fmt,
+    load_bench,
+    magnitude_map,
+    markdown_table,
+    mean,
+    median,
+    run_ours,
+    seed_everything,
+    spearman,
+    topk_iou,
+    write_json,
+)
 
 PAIRS = {
     # name: (map A, map B)
@@ -76,7 +89,12 @@ def main(argv=None) -> int:
         for i, (ra, rb) in enumerate(zip(explanations[a_name], explanations[b_name])):
             if not (usable(ra) and usable(rb)):
                 continue
-            rows.append({"image": bench.indices[i], **compare(ra.perturbation, rb.perturbation, shape, args.fraction, args.seed + i)})
+            rows.append(
+                {
+                    "image": bench.indices[i],
+                    **compare(ra.perturbation, rb.perturbation, shape, args.fraction, args.seed + i),
+                }
+            )
             # the floor: map A against a random perturbation of the same image
             random_rows.append(compare(ra.perturbation, randoms[i], shape, args.fraction, args.seed + i))
         results[pair] = {"maps": [a_name, b_name], "aggregate": summary(rows), "random_baseline": summary(random_rows),

@@ -77,8 +77,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from advexplain.shared.images import decode_image
     from advexplain.shared.classifiers import LocalClassifier
+    from advexplain.shared.images import decode_image
 
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} is not a checkpoint: train one with `advexplain train blackbox`")
@@ -101,16 +101,18 @@ def main() -> int:
             for batch in args.batch_sizes:
                 files = [("image", (f"{i}.png", images[i], "image/png")) for i in range(batch)]
 
-                def http_step():
+                def http_step(files=files):
                     resp = client.post(f"{url}/predict", files=files)
                     if resp.status_code != 200:
                         raise SystemExit(f"/predict answered {resp.status_code}: {resp.text[:300]}")
 
                 http = summarise(timed_loop(http_step, args.seconds, args.max_iterations), batch)
                 x = torch.stack([decode_image(b, size, 10**9) for b in images[:batch]])
-                forward = summarise(timed_loop(lambda: local.predict_proba(x), args.seconds, args.max_iterations), batch)
+                forward = summarise(
+                    timed_loop(lambda x=x: local.predict_proba(x), args.seconds, args.max_iterations), batch
+                )
 
-                def decode_forward_step():
+                def decode_forward_step(batch=batch):
                     local.predict_proba(torch.stack([decode_image(b, size, 10**9) for b in images[:batch]]))
 
                 decode_forward = summarise(timed_loop(decode_forward_step, args.seconds, args.max_iterations), batch)

@@ -24,8 +24,6 @@ explanation's `queries` is checked against the oracle's own count.
 
 from __future__ import annotations
 
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
-
 import argparse
 import platform
 import time
@@ -38,6 +36,7 @@ from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.data import ELPV4, load_photos
 from advexplain.shared.explain import DEFAULT_METHOD, explain, method_options
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import RESULTS, fmt, markdown_table, write_json
 from bench.native_resolution import summary
 
@@ -58,9 +57,17 @@ def explain_all(oracle: LocalClassifier, surrogate: LocalClassifier, photos, lab
 
 
 def row(kind: str, pair: str, available: int, s: dict) -> list:
-    return [kind, pair, f"{s['images']} / {available}", fmt(s["success_rate"], ".1%"), fmt(s["mean_search_queries"], ".2f"),
-            fmt(s["median_linf_255"], ".1f"), fmt(s["p90_linf_255"], ".1f"), fmt(s["median_rms_255"], ".2f"),
-            fmt(s["seconds_per_explanation"], ".2f")]
+    return [
+        kind,
+        pair,
+        f"{s['images']} / {available}",
+        fmt(s["success_rate"], ".1%"),
+        fmt(s["mean_search_queries"], ".2f"),
+        fmt(s["median_linf_255"], ".1f"),
+        fmt(s["p90_linf_255"], ".1f"),
+        fmt(s["median_rms_255"], ".2f"),
+        fmt(s["seconds_per_explanation"], ".2f"),
+    ]
 
 
 def main(argv=None) -> int:
@@ -111,8 +118,14 @@ def main(argv=None) -> int:
         results_of[(kind, s, t)] = dict(zip(chosen, results))
         key = f"{kind}: {classes[s]} -> {classes[t]}"
         summ = summary(results)
-        runs[key] = {"kind": kind, "source": classes[s], "target": classes[t], "available": len(cells[(kind, s, t)]),
-                     "summary": summ, "rows": [r.to_dict() | {"path": photo_set.paths[i]} for i, r in zip(chosen, results)]}
+        runs[key] = {
+            "kind": kind,
+            "source": classes[s],
+            "target": classes[t],
+            "available": len(cells[(kind, s, t)]),
+            "summary": summ,
+            "rows": [r.to_dict() | {"path": photo_set.paths[i]} for i, r in zip(chosen, results)],
+        }
         rows.append(row(kind, f"{classes[s]} -> {classes[t]}", len(cells[(kind, s, t)]), summ))
         print(rows[-1], flush=True)
 
@@ -157,26 +170,48 @@ def main(argv=None) -> int:
     print(matrix)
 
     predicted_counts = {c: predictions.count(k) for k, c in enumerate(classes)}
-    write_json(args.out, {
-        "benchmark": "counterfactuals",
-        "config": {
-            "data": ELPV4, "split": args.split, "images_in_split": len(photos),
-            "blackbox": str(args.blackbox.relative_to(ROOT) if args.blackbox.is_relative_to(ROOT) else args.blackbox),
-            "surrogate": str(args.surrogate.relative_to(ROOT) if args.surrogate.is_relative_to(ROOT) else args.surrogate),
-            "oracle": "the black box, label-only (one-hot answers)", "gradient_source": "surrogate",
-            "blackbox_metrics": bb.meta.metrics, "surrogate_val_accuracy": load_checkpoint(args.surrogate).meta.metrics.get("val_accuracy"),
-            "box_predictions_per_class": predicted_counts, "misclassified": sum(p_ != y for p_, y in zip(predictions, labels)),
-            "method": args.method, "options": options,
-            "limit_per_cell": limit,
-            "limit_note": "each cell explains its first `limit_per_cell` photos in split order; `available` in each run "
-                          "is how many the cell had. Counterfactual cells of one source share the same photos.",
-            "nearest": "per photo, the class other than the box's prediction with the surrogate's highest logit "
-                       "(what `advexplain evaluate --counterfactual` picks for a label-only box)",
-            "seed": args.seed, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "machine": platform.machine(), "wall_seconds": time.perf_counter() - started,
+    write_json(
+        args.out,
+        {
+            "benchmark": "counterfactuals",
+            "config": {
+                "data": ELPV4,
+                "split": args.split,
+                "images_in_split": len(photos),
+                "blackbox": str(
+                    args.blackbox.relative_to(ROOT) if args.blackbox.is_relative_to(ROOT) else args.blackbox
+                ),
+                "surrogate": str(
+                    args.surrogate.relative_to(ROOT) if args.surrogate.is_relative_to(ROOT) else args.surrogate
+                ),
+                "oracle": "the black box, label-only (one-hot answers)",
+                "gradient_source": "surrogate",
+                "blackbox_metrics": bb.meta.metrics,
+                "surrogate_val_accuracy": load_checkpoint(args.surrogate).meta.metrics.get("val_accuracy"),
+                "box_predictions_per_class": predicted_counts,
+                "misclassified": sum(p_ != y for p_, y in zip(predictions, labels)),
+                "method": args.method,
+                "options": options,
+                "limit_per_cell": limit,
+                "limit_note": "each cell explains its first `limit_per_cell` photos in split order; "
+                "`available` in each run is how many the cell had. Counterfactual cells of one source share "
+                "the same photos.",
+                "nearest": "per photo, the class other than the box's prediction with the surrogate's highest logit "
+                "(what `advexplain evaluate --counterfactual` picks for a label-only box)",
+                "seed": args.seed,
+                "torch_threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "wall_seconds": time.perf_counter() - started,
+            },
+            "table": table,
+            "matrix_table": matrix,
+            "overall_mistakes": overall,
+            "nearest": nearest,
+            "runs": runs,
         },
-        "table": table, "matrix_table": matrix, "overall_mistakes": overall, "nearest": nearest, "runs": runs,
-    })
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -33,12 +33,12 @@ from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from advexplain.shared.images import decode_image  # noqa: E402
 from advexplain.launch import ServiceProcess  # noqa: E402
 from advexplain.shared.checkpoints import load_checkpoint  # noqa: E402
 from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
 from advexplain.shared.data import load_images  # noqa: E402
 from advexplain.shared.explain import DEFAULT_MAX_QUERIES, DEFAULT_METHOD, explain  # noqa: E402
+from advexplain.shared.images import decode_image  # noqa: E402
 from advexplain.shared.render import render_explanation  # noqa: E402
 from advexplain.shared.saliency import saliency_map  # noqa: E402
 
@@ -139,7 +139,9 @@ def main() -> int:
     def engine(image: bytes, label: str):
         tensor = decode_image(image, size, 40_000_000)
         oracle = LocalClassifier(bb_ckpt.model, bb_ckpt.classes)
-        result = explain(tensor, data.classes.index(label), surrogate, oracle, args.method, max_queries=args.max_queries)
+        result = explain(
+            tensor, data.classes.index(label), surrogate, oracle, args.method, max_queries=args.max_queries
+        )
         saliency = None if result.perturbation is None else saliency_map(result.perturbation)
         render_explanation(result, saliency)
         return result
@@ -158,24 +160,43 @@ def main() -> int:
     queries_agree = http_queries == engine_queries
     report = {
         "benchmark": "explainer_latency",
-        "http": http, "in_process": inproc, "server_search": search,
-        "overhead_ratio_p50": http["p50_ms"] / inproc["p50_ms"], "overhead_ratio_p95": http["p95_ms"] / inproc["p95_ms"],
-        "mean_queries_http": statistics.fmean(http_queries), "mean_queries_in_process": statistics.fmean(engine_queries),
+        "http": http,
+        "in_process": inproc,
+        "server_search": search,
+        "overhead_ratio_p50": http["p50_ms"] / inproc["p50_ms"],
+        "overhead_ratio_p95": http["p95_ms"] / inproc["p95_ms"],
+        "mean_queries_http": statistics.fmean(http_queries),
+        "mean_queries_in_process": statistics.fmean(engine_queries),
         "queries_identical": queries_agree,
         "success_rate_http": sum(http_success) / len(http_success),
         "success_rate_in_process": sum(engine_success) / len(engine_success),
         "meta": {
-            "images": len(uploads), "repeats": args.repeats, "warmup": args.warmup, "method": args.method,
-            "max_queries": args.max_queries, "image_size": size, "data": spec, "split": "validation",
-            "misclassified_in_split": len(wrong), "blackbox": str(args.blackbox), "surrogate": str(args.surrogate),
-            "device": "cpu", "torch_threads_per_process": 1, "transport": "uvicorn on 127.0.0.1 (both services)",
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "images": len(uploads),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "method": args.method,
+            "max_queries": args.max_queries,
+            "image_size": size,
+            "data": spec,
+            "split": "validation",
+            "misclassified_in_split": len(wrong),
+            "blackbox": str(args.blackbox),
+            "surrogate": str(args.surrogate),
+            "device": "cpu",
+            "torch_threads_per_process": 1,
+            "transport": "uvicorn on 127.0.0.1 (both services)",
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
             "machine": platform.machine(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
-    rows = [("POST /explain over HTTP (client wall)", http), ("in-process engine (decode+explain+saliency+PNGs)", inproc),
-            ("server-side search alone (response `seconds`)", search)]
+    rows = [
+        ("POST /explain over HTTP (client wall)", http),
+        ("in-process engine (decode+explain+saliency+PNGs)", inproc),
+        ("server-side search alone (response `seconds`)", search),
+    ]
     print(f"\nexplainer latency, CPU, {size}x{size}, method={args.method}, {len(uploads)} misclassified elpv images "
           f"x {args.repeats}, mean queries {report['mean_queries_http']:.2f}\n")
     print("| path | n | p50 ms | p95 ms | mean ms |")

@@ -1,16 +1,14 @@
 """The README's figure: docs/panel.png and the numbers its caption quotes (bench/results/panel.json).
 
 The first elpv validation cell (in split order) that the default black box (`models/blackbox`,
-label-only) gets wrong and the default explains (the mistakes before it that failed are counted), explained at its own size by the default method through the default
-surrogate (`models/surrogate`), as `POST /explain` would; the panel is Figure 2 (original |
-adversarial | saliency).
+label-only) gets wrong and the default explains (the mistakes before it that failed are counted),
+explained at its own size by the default method through the default surrogate (`models/surrogate`),
+as `POST /explain` would; the panel is Figure 2 (original | adversarial | saliency).
 
     flock /tmp/advexplain-cpu.lock python -m bench.figures
 """
 
 from __future__ import annotations
-
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 
 import argparse
 from pathlib import Path
@@ -24,6 +22,7 @@ from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import explain
 from advexplain.shared.render import render_explanation
 from advexplain.shared.saliency import saliency_map
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import RESULTS, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +56,8 @@ def main() -> int:
     pngs = render_explanation(result, saliency_map(result.perturbation) if result.success else None)
     args.panel.write_bytes(pngs["panel"])
     record = {k: v for k, v in result.to_dict().items() if k != "trace"}
-    record.update(benchmark="figures", photo_index=index, mistakes_failed_before_it=failed_before, photo=photos.paths[index],
-                  linf_255=None if result.linf is None else round(result.linf * 255),
+    record.update(benchmark="figures", photo_index=index, mistakes_failed_before_it=failed_before,
+                  photo=photos.paths[index], linf_255=None if result.linf is None else round(result.linf * 255),
                   panel=str(args.panel.relative_to(ROOT)))
     write_json(args.out, record)
     print({k: record[k] for k in ("success", "label_name", "final_prediction_name", "search_queries", "linf_255")})

@@ -16,7 +16,8 @@ explainer's client id and the explainer's `explainer_oracle_queries_total` delta
 It also records what else used the CPUs while it ran (from /proc), so a polluted run can be told.
 
     flock /tmp/advexplain-cpu.lock python -m bench.load                                   # 32 x 20, defaults
-    flock /tmp/advexplain-cpu.lock python -m bench.load --clients 96 --per-client 7 --out bench/results/load_overload.json
+    flock /tmp/advexplain-cpu.lock python -m bench.load --clients 96 --per-client 7 \\
+        --out bench/results/load_overload.json
     flock /tmp/advexplain-cpu.lock python -m bench.load --max-concurrency 1 --threads 1 --max-queue 1000000 \\
         --max-queue-wait 86400 --per-client 5 --out bench/results/load_before_300px.json   # the old settings
 
@@ -86,7 +87,10 @@ def cpu_ticks() -> dict[int, tuple[str, int]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        out[int(entry.name)] = (cmd[:120] or stat[stat.index("(") + 1:stat.rindex(")")], int(fields[11]) + int(fields[12]))
+        out[int(entry.name)] = (
+            cmd[:120] or stat[stat.index("(") + 1 : stat.rindex(")")],
+            int(fields[11]) + int(fields[12]),
+        )
     return out
 
 
@@ -144,10 +148,11 @@ def checkout_state() -> dict:
     import subprocess
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
+    # Porcelain lines are "XY path": the status takes two columns and a space (never strip the first).
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "shared", "services").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_in_shared_and_services": dirty}
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_in_shared_and_services": dirty}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -212,7 +217,9 @@ def service_flags(args) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--per-client", type=int, default=20, help="explanations each client gets (refusals retried)")
     p.add_argument("--max-queries", type=int, default=20, help="max_queries of each explanation (the API default)")
@@ -254,9 +261,13 @@ def main() -> int:
             mem_before = {name: rss_kib(tree) for name, tree in pids.items()}
             box_before = metric(box.url, "blackbox_queries_total", client=EXPLAINER_ID)
             oracle_before = metric(explainer.url, "explainer_oracle_queries_total", route="blackbox")
-            cost_before = {outcome: (metric(explainer.url, "explainer_explanation_duration_seconds_sum", outcome=outcome),
-                                     metric(explainer.url, "explainer_explanation_duration_seconds_count", outcome=outcome))
-                           for outcome in ("success", "failed", "already_correct", "error")}
+            cost_before = {
+                outcome: (
+                    metric(explainer.url, "explainer_explanation_duration_seconds_sum", outcome=outcome),
+                    metric(explainer.url, "explainer_explanation_duration_seconds_count", outcome=outcome),
+                )
+                for outcome in ("success", "failed", "already_correct", "error")
+            }
             ticks_before, busy_before, load_before = cpu_ticks(), busy_ticks(), os.getloadavg()
             started = time.perf_counter()
             attempts, explanations = asyncio.run(run_clients(explainer.url, samples, args.clients, args.per_client,
@@ -342,19 +353,39 @@ def main() -> int:
         ("attempts / 503 overloaded / other errors", f"{len(attempts)} / {len(refused)} / {len(errors)}"),
         ("explanations that succeeded", f"{summary['successes']}/{len(ok)}"),
         ("throughput", f"{summary['explanations_per_s']:.2f} explanations/s over {wall:.0f} s"),
-        ("admitted latency p50 / p95 / max", f"{fmt(summary['admitted_latency_p50_s'])} / "
-         f"{fmt(summary['admitted_latency_p95_s'])} / {fmt(summary['admitted_latency_max_s'])}"),
-        ("503 answered in p50 / p95", f"{fmt(summary['refusal_latency_p50_s'])} / {fmt(summary['refusal_latency_p95_s'])}"),
-        ("time to an explanation incl. retries p50 / p95",
-         f"{fmt(summary['time_to_explanation_incl_retries_p50_s'])} / "
-         f"{fmt(summary['time_to_explanation_incl_retries_p95_s'])}"),
-        ("server seconds per explanation", ", ".join(f"{k} {v['mean_s']:.2f} s (n={v['count']})" for k, v in cost.items())),
-        ("queries reported / black-box delta / explainer metric", f"{reported} / {int(box_delta)} / {int(oracle_delta)}"),
-        ("RSS before -> after (box, explainer)", f"{summary['rss_mib_before']['blackbox']:.0f} -> "
-         f"{summary['rss_mib_after']['blackbox']:.0f} MiB, {summary['rss_mib_before']['explainer']:.0f} -> "
-         f"{summary['rss_mib_after']['explainer']:.0f} MiB"),
-        ("CPU seconds: this benchmark / others / capacity", f"{machine['cpu_busy_s_this_benchmark']:.0f} / "
-         f"{machine['cpu_busy_s_others']:.0f} / {machine['cpu_capacity_s']:.0f}"),
+        (
+            "admitted latency p50 / p95 / max",
+            f"{fmt(summary['admitted_latency_p50_s'])} / "
+            f"{fmt(summary['admitted_latency_p95_s'])} / {fmt(summary['admitted_latency_max_s'])}",
+        ),
+        (
+            "503 answered in p50 / p95",
+            f"{fmt(summary['refusal_latency_p50_s'])} / {fmt(summary['refusal_latency_p95_s'])}",
+        ),
+        (
+            "time to an explanation incl. retries p50 / p95",
+            f"{fmt(summary['time_to_explanation_incl_retries_p50_s'])} / "
+            f"{fmt(summary['time_to_explanation_incl_retries_p95_s'])}",
+        ),
+        (
+            "server seconds per explanation",
+            ", ".join(f"{k} {v['mean_s']:.2f} s (n={v['count']})" for k, v in cost.items()),
+        ),
+        (
+            "queries reported / black-box delta / explainer metric",
+            f"{reported} / {int(box_delta)} / {int(oracle_delta)}",
+        ),
+        (
+            "RSS before -> after (box, explainer)",
+            f"{summary['rss_mib_before']['blackbox']:.0f} -> "
+            f"{summary['rss_mib_after']['blackbox']:.0f} MiB, {summary['rss_mib_before']['explainer']:.0f} -> "
+            f"{summary['rss_mib_after']['explainer']:.0f} MiB",
+        ),
+        (
+            "CPU seconds: this benchmark / others / capacity",
+            f"{machine['cpu_busy_s_this_benchmark']:.0f} / "
+            f"{machine['cpu_busy_s_others']:.0f} / {machine['cpu_capacity_s']:.0f}",
+        ),
         ("/healthz after, tracebacks in logs", f"{healthy}, {tracebacks}"),
     ]
     print("| measure | value |\n|---|---|")

@@ -22,28 +22,26 @@ Tune on `--split train` (images of the training split the box gets wrong); repor
 
 from __future__ import annotations
 
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
-
 import argparse
 import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier, fit_to_size
-from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.data import load_photos
 from advexplain.shared.evaluation import find_mistakes
+from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.pixels import quantise
 from advexplain.shared.saliency import pixel_magnitude, saliency_map
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import RESULTS, auc, fmt, gaussian_blur, markdown_table, rank_order, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +124,11 @@ def load_setup(args) -> Setup:
         network_for = lambda h, w: Squash().eval()  # noqa: E731
         gradcam_layer = lambda net: net.model.features[-1]  # noqa: E731
         data = faces if args.box == "faces" else "elpv"
-        meta = {"box": f"our {args.box} black box (label-only)", "box_val_accuracy": bb.meta.metrics.get("val_accuracy"),
-                "box_input": f"{bb.meta.image_size}x{bb.meta.image_size} squash (bilinear, antialiased)"}
+        meta = {
+            "box": f"our {args.box} black box (label-only)",
+            "box_val_accuracy": bb.meta.metrics.get("val_accuracy"),
+            "box_input": f"{bb.meta.image_size}x{bb.meta.image_size} squash (bilinear, antialiased)",
+        }
     members = [LocalClassifier.from_checkpoint(path) for path in surrogate_paths]
     surrogate = members[0] if len(members) == 1 else EnsembleSurrogate(members)
     photos, labels, classes, paths = _photos(data, args.split)
@@ -135,11 +136,21 @@ def load_setup(args) -> Setup:
         raise SystemExit(f"data classes {classes} are not the surrogate's {surrogate.classes}")
     wrong, predicted, misclassified = _screen(probabilities, photos, labels, args.limit)
     sizes = [tuple(photos[i].shape[-2:]) for i in wrong]
-    meta.update({"data": str(data), "split": args.split, "images_in_split": len(photos), "misclassified": misclassified,
-                 "images_used": len(wrong), "surrogates": [str(p) for p in surrogate_paths],
-                 "surrogate_inputs": [m.image_size for m in members],
-                 "surrogate_val_accuracy": [load_checkpoint(p).meta.metrics.get("val_accuracy") for p in surrogate_paths],
-                 "median_photo_size_hw": [float(np.median([s[0] for s in sizes])), float(np.median([s[1] for s in sizes]))] if sizes else None})
+    meta.update(
+        {
+            "data": str(data),
+            "split": args.split,
+            "images_in_split": len(photos),
+            "misclassified": misclassified,
+            "images_used": len(wrong),
+            "surrogates": [str(p) for p in surrogate_paths],
+            "surrogate_inputs": [m.image_size for m in members],
+            "surrogate_val_accuracy": [load_checkpoint(p).meta.metrics.get("val_accuracy") for p in surrogate_paths],
+            "median_photo_size_hw": [float(np.median([s[0] for s in sizes])), float(np.median([s[1] for s in sizes]))]
+            if sizes
+            else None,
+        }
+    )
     return Setup(args.box, oracle, surrogate, [photos[i] for i in wrong], [labels[i] for i in wrong], predicted,
                  [paths[i] for i in wrong], probabilities, network_for, gradcam_layer,
                  whitebox_source=None if args.box == "thirdparty" else network, meta=meta)
@@ -282,10 +293,22 @@ def main(argv=None) -> int:
                       "rows": [r.to_dict() | {"path": path}
                                for r, path in zip(results, setup.paths)],
                       "_results": results}
-        rows.append([spec, s["images"], fmt(s["success_rate"], ".1%"), fmt(s["mean_search_queries"], ".2f"),
-                     fmt(s["median_search_queries"], ".0f"), fmt(s["median_linf_255"], ".1f"), fmt(s["p90_linf_255"], ".1f"),
-                     fmt(s["median_rms_255"], ".2f"), fmt(s["seconds_per_explanation"], ".3f"),
-                     fmt(s["seconds_per_failure"], ".2f"), fmt(s["mean_kept_share"], ".1%"), s["empty_maps"]])
+        rows.append(
+            [
+                spec,
+                s["images"],
+                fmt(s["success_rate"], ".1%"),
+                fmt(s["mean_search_queries"], ".2f"),
+                fmt(s["median_search_queries"], ".0f"),
+                fmt(s["median_linf_255"], ".1f"),
+                fmt(s["p90_linf_255"], ".1f"),
+                fmt(s["median_rms_255"], ".2f"),
+                fmt(s["seconds_per_explanation"], ".3f"),
+                fmt(s["seconds_per_failure"], ".2f"),
+                fmt(s["mean_kept_share"], ".1%"),
+                s["empty_maps"],
+            ]
+        )
         print(rows[-1], flush=True)
     table = markdown_table(["method", "images", "success", "mean search q", "median search q", "median L-inf /255",
                             "p90 L-inf /255", "median RMS /255", "s / expl.", "s / failure", "map keeps",

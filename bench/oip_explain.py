@@ -225,9 +225,12 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, label in (("predict", "`/predict`"), ("oip", "OIP v2 (KServe)")):
         s = summary[name]
-        print(f"| {label} | {s['explained']} | {fmt(s['success_rate'], '.1%')} | {fmt(s['mean_search_queries'], '.2f')} | "
-              f"{fmt(s['median_linf_255'], '.1f')}/255 | {fmt(s['p90_linf_255'], '.1f')}/255 | "
-              f"{fmt(s['seconds_per_explanation'], '.3f')} | {s['queries_reported']} = {s['server_counted']} |")
+        print(
+            f"| {label} | {s['explained']} | {fmt(s['success_rate'], '.1%')} | "
+            f"{fmt(s['mean_search_queries'], '.2f')} | "
+            f"{fmt(s['median_linf_255'], '.1f')}/255 | {fmt(s['p90_linf_255'], '.1f')}/255 | "
+            f"{fmt(s['seconds_per_explanation'], '.3f')} | {s['queries_reported']} = {s['server_counted']} |"
+        )
     print(f"agreement: {agreement}; wrote {args.out}")
     return 0 if all(summary[n]["queries_reported"] == summary[n]["server_counted"] for n in PROTOCOLS) else 1
 

@@ -181,8 +181,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    header = (f"| case | side | batch | /predict ms/query | OIP ms/query | /predict ms p95 | OIP ms p95 | "
-              f"/predict bytes | OIP bytes | OIP / predict |")
+    header = ("| case | side | batch | /predict ms/query | OIP ms/query | /predict ms p95 | OIP ms p95 | "
+              "/predict bytes | OIP bytes | OIP / predict |")
     print(f"black box {args.model} ({size}x{size}), torch threads {args.threads}, CPU, loopback")
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from advexplain.shared.evaluation import PAPER, find_mistakes, summarise  # noqa: E402
 from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
 from advexplain.shared.data import load_images, load_photos, sample_fraction  # noqa: E402
+from advexplain.shared.devices import pick_device
 from advexplain.shared.distill import distill_labels  # noqa: E402
+from advexplain.shared.evaluation import PAPER, find_mistakes, summarise  # noqa: E402
 from advexplain.shared.explain import EnsembleSurrogate, explain  # noqa: E402
 from advexplain.shared.models import ModelConfig  # noqa: E402
-from advexplain.shared.devices import pick_device
 from advexplain.shared.training import channel_stats, predict, train_model  # noqa: E402
 
 
@@ -84,14 +84,28 @@ def main() -> int:
         torch=torch.__version__, config=config_info)
 
     t = time.perf_counter()
-    train = balanced_limit(load_images(args.data, "train", args.image_size, progress=False), args.train_limit, args.seed)
+    train = balanced_limit(
+        load_images(args.data, "train", args.image_size, progress=False), args.train_limit, args.seed
+    )
     val = load_images(args.data, "validation", args.image_size, progress=False)
-    log(stage="data", train=len(train), validation=len(val), classes=list(train.classes), seconds=round(time.perf_counter() - t, 2))
+    log(
+        stage="data",
+        train=len(train),
+        validation=len(val),
+        classes=list(train.classes),
+        seconds=round(time.perf_counter() - t, 2),
+    )
 
     def fit(kind: str, images, epochs: int, targets=None, val_set=val):
         mean, std = channel_stats(images)
-        config = ModelConfig(architecture=kind, image_size=args.image_size, width=args.width, num_classes=len(images.classes),
-                             mean=mean, std=std)
+        config = ModelConfig(
+            architecture=kind,
+            image_size=args.image_size,
+            width=args.width,
+            num_classes=len(images.classes),
+            mean=mean,
+            std=std,
+        )
         result = train_model(config, images, val_set, epochs=epochs, seed=args.seed, device=device, targets=targets,
                              progress=False)
         return result
@@ -103,8 +117,14 @@ def main() -> int:
     local = sample_fraction(train, args.fraction, seed=args.seed)
     t = time.perf_counter()
     sur = fit("surrogate", local, args.surrogate_epochs)
-    log(stage="train", model="surrogate", images=len(local), epochs=args.surrogate_epochs, val_accuracy=sur.val_accuracy,
-        seconds=round(time.perf_counter() - t, 2))
+    log(
+        stage="train",
+        model="surrogate",
+        images=len(local),
+        epochs=args.surrogate_epochs,
+        val_accuracy=sur.val_accuracy,
+        seconds=round(time.perf_counter() - t, 2),
+    )
 
     blackbox_model = bb.model.eval()
     # Distillation spends real (counted) queries of a label-only black box on the local images.
@@ -120,13 +140,23 @@ def main() -> int:
         "ground-truth": {"model": sur.model, "distillation_queries": 0},
         "distilled": {"model": dis.model, "distillation_queries": distill_oracle.queries},
     }
-    for name, s in surrogates.items():
+    for s in surrogates.values():
         s["held_back_agreement"] = agree(s["model"])
         s["validation_agreement"] = val_agree(s["model"])
-    log(stage="train", model="surrogate-distilled", images=len(labelled.train), epochs=args.surrogate_epochs,
-        val_accuracy=dis.val_accuracy, distillation_queries=distill_oracle.queries, targets="hard" if not labelled.soft else "soft",
+    log(
+        stage="train",
+        model="surrogate-distilled",
+        images=len(labelled.train),
+        epochs=args.surrogate_epochs,
+        val_accuracy=dis.val_accuracy,
+        distillation_queries=distill_oracle.queries,
+        targets="hard" if not labelled.soft else "soft",
         seconds=round(time.perf_counter() - t, 2),
-        agreement={k: {"held_back": v["held_back_agreement"], "validation": v["validation_agreement"]} for k, v in surrogates.items()})
+        agreement={
+            k: {"held_back": v["held_back_agreement"], "validation": v["validation_agreement"]}
+            for k, v in surrogates.items()
+        },
+    )
 
     # Two views of the validation split: the paper's (every image resized to the model's square
     # input) and the product's (each photo at its own size, as users upload it; the models resize).
@@ -151,7 +181,11 @@ def main() -> int:
         "distilled": members["distilled"],
         "ensemble": EnsembleSurrogate([members["ground-truth"], members["distilled"]]),
     }
-    runs = [("whitebox", "paper", None, False), ("whitebox", "margin", None, True), ("whitebox", "margin-linf", None, True)]
+    runs = [
+        ("whitebox", "paper", None, False),
+        ("whitebox", "margin", None, True),
+        ("whitebox", "margin-linf", None, True),
+    ]
     for surrogate in ("ground-truth", "distilled", "ensemble"):
         runs += [("blackbox", "paper", surrogate, False), ("blackbox", "margin", surrogate, True),
                  ("blackbox", "margin-linf", surrogate, True)]
@@ -215,10 +249,13 @@ def table(out: dict) -> str:
              f"| - | blackbox | paper (published) | - | - | {out['paper']['blackbox']['success_rate']:.2%} | "
              f"{out['paper']['blackbox']['mean_search_queries']:.2f} | n/a | n/a | n/a | n/a | - |"]
     for r in out["runs"]:
-        lines.append(f"| {r['view']} | {r['mode']} | {r['method']} | {r['surrogate'] or '-'} | {r['oracle']} | "
-                     f"{fmt(r['success_rate'], '.2%')} | {fmt(r['mean_search_queries'], '.2f')} | {fmt(r['median_l2'], '.3f')} | "
-                     f"{fmt(r['median_linf_255'], '.1f')} | {fmt(r['p90_linf_255'], '.1f')} | "
-                     f"{fmt(r['seconds_per_explanation'], '.4f')} | {fmt(r['distillation_queries_per_image'], '.1f')} |")
+        lines.append(
+            f"| {r['view']} | {r['mode']} | {r['method']} | {r['surrogate'] or '-'} | {r['oracle']} | "
+            f"{fmt(r['success_rate'], '.2%')} | {fmt(r['mean_search_queries'], '.2f')} | "
+            f"{fmt(r['median_l2'], '.3f')} | "
+            f"{fmt(r['median_linf_255'], '.1f')} | {fmt(r['p90_linf_255'], '.1f')} | "
+            f"{fmt(r['seconds_per_explanation'], '.4f')} | {fmt(r['distillation_queries_per_image'], '.1f')} |"
+        )
     return "\n".join(lines)
 
 

@@ -19,7 +19,6 @@ returned image by the black box itself, outside the count. Prints a markdown tab
 
 from __future__ import annotations
 
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 import time
 
 import numpy as np
@@ -27,9 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import (OUR_SETTINGS, Bench, base_parser, fmt, load_bench, markdown_table, mean, median,
-                    run_ours, seed_everything, write_json)
 from advexplain.shared.pixels import quantise
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
+from bench.common import (
+    OUR_SETTINGS,
+    Bench,
+    base_parser,
+    fmt,
+    load_bench,
+    markdown_table,
+    mean,
+    median,
+    run_ours,
+    seed_everything,
+    write_json,
+)
 
 
 class CountingNetwork(nn.Module):
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
             seed_everything(args.seed)
             cfg = {"targeted": True, "norm": 2, "max_iter": it, "init_eval": ie, "max_eval": me, "init_size": 100,
                    "x_adv_init": "nearest correctly classified split image of the true class"}
-            methods[label] = {"rows": run_peer(bench, label, lambda clf: HopSkipJump(
+            methods[label] = {"rows": run_peer(bench, label, lambda clf, it=it, me=me, ie=ie: HopSkipJump(
                 clf, batch_size=64, targeted=True, norm=2, max_iter=it, max_eval=me, init_eval=ie, init_size=100,
                 verbose=False), label_only=True, uses_init=True)}
             configs[label] = cfg
@@ -172,9 +183,12 @@ def main(argv=None) -> int:
     ours("score | ours black-box margin-linf", "margin-linf", "surrogate", "scores")
     ours("score | ours black-box paper", "paper", "surrogate", "scores")
     if not args.skip_peers:
-        for label, attack, eps in (("score | SimBA-px", "px", args.simba_px_eps), ("score | SimBA-DCT", "dct", args.simba_dct_eps)):
+        for label, attack, eps in (
+            ("score | SimBA-px", "px", args.simba_px_eps),
+            ("score | SimBA-DCT", "dct", args.simba_dct_eps),
+        ):
             seed_everything(args.seed)
-            methods[label] = {"rows": run_peer(bench, label, lambda clf: SimBA(
+            methods[label] = {"rows": run_peer(bench, label, lambda clf, attack=attack, eps=eps: SimBA(
                 clf, attack=attack, max_iter=args.simba_iter, epsilon=eps, order="random", freq_dim=4, stride=1,
                 targeted=True, batch_size=1, verbose=False), label_only=False, uses_init=False)}
             configs[label] = {"attack": attack, "epsilon": eps, "max_iter": args.simba_iter, "targeted": True,
@@ -191,11 +205,16 @@ def main(argv=None) -> int:
         for name, m in methods.items() for a in [m["aggregate"]]])
     print(table)
     targets = {
-        "black-box margin (hard-label)": check_targets(methods["hard-label | ours black-box margin"]["aggregate"], 0.99, 2.0, 4.0),
+        "black-box margin (hard-label)": check_targets(
+            methods["hard-label | ours black-box margin"]["aggregate"], 0.99, 2.0, 4.0
+        ),
         "white-box margin": check_targets(methods["hard-label | ours white-box margin"]["aggregate"], 1.0, 1.1, 2.0),
         "black-box margin-linf (hard-label)": check_targets(
-            methods["hard-label | ours black-box margin-linf"]["aggregate"], 0.99, 2.0, 4.0),
-        "white-box margin-linf": check_targets(methods["hard-label | ours white-box margin-linf"]["aggregate"], 1.0, 1.1, 2.0),
+            methods["hard-label | ours black-box margin-linf"]["aggregate"], 0.99, 2.0, 4.0
+        ),
+        "white-box margin-linf": check_targets(
+            methods["hard-label | ours white-box margin-linf"]["aggregate"], 1.0, 1.1, 2.0
+        ),
     }
     for k, v in targets.items():
         print(f"target {k}: {v}")
@@ -210,10 +229,17 @@ def main(argv=None) -> int:
 def check_targets(a: dict, success: float, search_queries: float, linf_255: float) -> dict:
     # 8-bit images: an L-inf of exactly n levels is n/255 up to float32 rounding (1e-4 of a level)
     linf = a["median_linf_255"]
-    return {"success_rate": a["success_rate"], "success_target": success, "success_met": a["success_rate"] >= success,
-            "mean_search_queries": a["mean_search_queries"], "queries_target": search_queries,
-            "queries_met": a["mean_search_queries"] <= search_queries,
-            "median_linf_255": linf, "linf_target_255": linf_255, "linf_met": linf is not None and linf <= linf_255 + 1e-4}
+    return {
+        "success_rate": a["success_rate"],
+        "success_target": success,
+        "success_met": a["success_rate"] >= success,
+        "mean_search_queries": a["mean_search_queries"],
+        "queries_target": search_queries,
+        "queries_met": a["mean_search_queries"] <= search_queries,
+        "median_linf_255": linf,
+        "linf_target_255": linf_255,
+        "linf_met": linf is not None and linf <= linf_255 + 1e-4,
+    }
 
 
 if __name__ == "__main__":

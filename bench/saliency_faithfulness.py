@@ -30,14 +30,29 @@ Scores, all from the black box's probabilities (evaluation only; not counted as 
 
 from __future__ import annotations
 
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 import numpy as np
 import torch
 
-from bench.common import (OUR_SETTINGS, Timer, auc, base_parser, blend_curve_inputs, fmt, gaussian_blur, load_bench,
-                    magnitude_map, markdown_table, mean, run_ours, seed_everything, topk_mask, write_json)
 from advexplain.shared.explain.base import value_and_grad
 from advexplain.shared.saliency import saliency_map
+from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
+from bench.common import (
+    OUR_SETTINGS,
+    Timer,
+    auc,
+    base_parser,
+    blend_curve_inputs,
+    fmt,
+    gaussian_blur,
+    load_bench,
+    magnitude_map,
+    markdown_table,
+    mean,
+    run_ours,
+    seed_everything,
+    topk_mask,
+    write_json,
+)
 
 FRACTIONS = [i / 32 for i in range(33)]
 FLIP_FRACTIONS = (0.01, 0.05, 0.10)
@@ -176,23 +191,42 @@ def main(argv=None) -> int:
         + [fmt(a["seconds_per_map"], ".4f")]
         for name, r in results.items() for a in [r["aggregate"]]])
     with torch.no_grad():
-        blur_true = float(np.mean([int(probabilities(network, b.unsqueeze(0)).argmax(1)) == int(l)
-                                   for b, l in zip(blurred, bench.labels)]))
-        full_step = float(np.mean([int(probabilities(network, (x + args.eps * d).clamp(0, 1).unsqueeze(0)).argmax(1)) == int(l)
-                                   for x, d, l in zip(bench.images, directions, bench.labels)]))
+        blur_true = float(np.mean([int(probabilities(network, b.unsqueeze(0)).argmax(1)) == int(y)
+                                   for b, y in zip(blurred, bench.labels)]))
+        full_step = float(
+            np.mean(
+                [
+                    int(probabilities(network, (x + args.eps * d).clamp(0, 1).unsqueeze(0)).argmax(1)) == int(y)
+                    for x, d, y in zip(bench.images, directions, bench.labels)
+                ]
+            )
+        )
     print(table)
     print(f"\nreferences: the fully blurred image is predicted as the true class for {blur_true:.1%} of images; "
           f"the full-image step (every pixel, eps {args.eps * 255:.0f}/255) for {full_step:.1%}.")
-    write_json(args.out, {
-        "benchmark": "saliency_faithfulness",
-        "config": {**bench.meta, "fractions": FRACTIONS, "flip_fractions": list(FLIP_FRACTIONS), "eps": args.eps,
-                   "eps_255": args.eps * 255, "blur": {"kernel": 11, "sigma": 5.0}, "ig_steps": args.ig_steps,
-                   "ig_baseline": "zeros (black)", "occlusion": {"window": args.window, "stride": args.stride, "baseline": 0.0},
-                   "gradcam_layer": "features[-1] (last conv block, after pooling), ReLU, bilinear upsampling",
-                   "captum_model": "the black box's network (white-box access), target = true class",
-                   "curve_probability": "black box P(mistaken class), softmax of its logits"},
-        "references": {"blurred_image_true_rate": blur_true, "full_step_true_rate": full_step},
-        "table": table, "methods": results})
+    write_json(
+        args.out,
+        {
+            "benchmark": "saliency_faithfulness",
+            "config": {
+                **bench.meta,
+                "fractions": FRACTIONS,
+                "flip_fractions": list(FLIP_FRACTIONS),
+                "eps": args.eps,
+                "eps_255": args.eps * 255,
+                "blur": {"kernel": 11, "sigma": 5.0},
+                "ig_steps": args.ig_steps,
+                "ig_baseline": "zeros (black)",
+                "occlusion": {"window": args.window, "stride": args.stride, "baseline": 0.0},
+                "gradcam_layer": "features[-1] (last conv block, after pooling), ReLU, bilinear upsampling",
+                "captum_model": "the black box's network (white-box access), target = true class",
+                "curve_probability": "black box P(mistaken class), softmax of its logits",
+            },
+            "references": {"blurred_image_true_rate": blur_true, "full_step_true_rate": full_step},
+            "table": table,
+            "methods": results,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

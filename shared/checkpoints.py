@@ -8,11 +8,10 @@ and fails with a CheckpointError that says which check failed.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from advexplain.shared.errors import CheckpointError
 from advexplain.shared.models import ModelConfig, PaperCNN
 
-FORMAT = "advexplain-checkpoint"
-FORMAT_VERSION = 1
+FORMAT: Final = "advexplain-checkpoint"
+FORMAT_VERSION: Final = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -37,7 +36,7 @@ class TrainingRecord(BaseModel):
     lr: float
     device: str
     seconds: float
-    history: list[dict] = Field(default_factory=list)
+    history: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class CheckpointMeta(BaseModel):
@@ -51,22 +50,24 @@ class CheckpointMeta(BaseModel):
     architecture: ModelConfig
     classes: tuple[str, ...]
     image_size: int
-    data: dict
+    data: dict[str, Any]
     training: TrainingRecord
     metrics: dict[str, float]
-    distillation: dict | None = None
+    distillation: dict[str, Any] | None = None
     versions: dict[str, str]
     created: str
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CheckpointMeta":
+    def _consistent(self) -> CheckpointMeta:
         if len(self.classes) != self.architecture.num_classes:
             raise ValueError(f"{len(self.classes)} class names for {self.architecture.num_classes} outputs")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("class names repeat")
         if self.image_size != self.architecture.image_size:
-            raise ValueError(f"image_size {self.image_size} differs from the architecture's {self.architecture.image_size}")
+            raise ValueError(
+                f"image_size {self.image_size} differs from the architecture's {self.architecture.image_size}"
+            )
         return self
 
 
@@ -107,12 +108,12 @@ def save_checkpoint(
     out: str | Path,
     model: PaperCNN,
     *,
-    kind: str,
+    kind: Literal["blackbox", "surrogate"],
     classes: tuple[str, ...],
-    data: dict,
+    data: dict[str, Any],
     training: TrainingRecord,
     metrics: dict[str, float],
-    distillation: dict | None = None,
+    distillation: dict[str, Any] | None = None,
 ) -> Path:
     """Write `out/model.safetensors` and `out/config.json`; returns the folder."""
     out = Path(out)
@@ -130,7 +131,7 @@ def save_checkpoint(
         metrics=metrics,
         distillation=distillation,
         versions=library_versions(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         weights_sha256=_sha256(weights),
     )
     (out / CONFIG).write_text(meta.model_dump_json(indent=2) + "\n")
@@ -160,7 +161,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect
     if not weights.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: {WEIGHTS} is missing")
     if _sha256(weights) != meta.weights_sha256:
-        raise CheckpointError(f"{weights} does not match the SHA-256 recorded in {CONFIG}: the files do not belong together")
+        raise CheckpointError(
+            f"{weights} does not match the SHA-256 recorded in {CONFIG}: the files do not belong together"
+        )
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

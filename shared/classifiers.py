@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class LocalClassifier:
     torch.Size([2, 2])
     """
 
-    def __init__(self, model: PaperCNN, classes: Sequence[str], label_only: bool = False):
+    def __init__(self, model: PaperCNN, classes: Sequence[str], label_only: bool = False) -> None:
         self.model = model.eval()
         self.classes = tuple(classes)
         self.label_only = label_only
@@ -49,7 +50,7 @@ class LocalClassifier:
         self._queries = 0
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "cpu", label_only: bool = False) -> "LocalClassifier":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", label_only: bool = False) -> LocalClassifier:
         ckpt: Checkpoint = load_checkpoint(path, device=device)
         return cls(ckpt.model, ckpt.classes, label_only=label_only)
 
@@ -63,7 +64,8 @@ class LocalClassifier:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0,1] -> (N, K) logits; autograd flows back to x."""
-        return self.model(fit_to_size(x.to(self.device), self.image_size))
+        logits: torch.Tensor = self.model(fit_to_size(x.to(self.device), self.image_size))
+        return logits
 
     def margin(self, x: torch.Tensor, goal: int) -> torch.Tensor:
         return logit_margin(self.logits(x), goal)

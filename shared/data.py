@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...]
-    description: dict
+    description: dict[str, Any]
     paths: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
@@ -69,7 +70,7 @@ class ImageSet:
         images = self.images if index is None else self.images[index]
         return images.float().div_(255.0)
 
-    def subset(self, indices: torch.Tensor, note: str | None = None) -> "ImageSet":
+    def subset(self, indices: torch.Tensor, note: str | None = None) -> ImageSet:
         description = dict(self.description)
         if note:
             description["subset"] = note
@@ -100,10 +101,11 @@ def resize_transform(image_size: int) -> v2.Compose:
     return v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
 
 
-def load_pil_rgb(source) -> Image.Image:
+def load_pil_rgb(source: str | Path | BinaryIO) -> Image.Image:
     """Open any image Pillow reads (first frame of animations) as RGB, whatever its mode."""
-    with Image.open(source) as img:
-        img.seek(0)
+    with Image.open(source) as opened:
+        opened.seek(0)
+        img: Image.Image = opened
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16/32-bit grey: scale to 8 bits instead of letting convert() clip at 255.
             arr = np.asarray(img, dtype=np.float64)
@@ -126,7 +128,7 @@ def find_split_dir(root: Path, split: str) -> Path:
     raise DataError(f"{root} has no {canonical} split: expected a folder named one of {names}")
 
 
-def load_folder(root: str | os.PathLike, split: str, image_size: int, progress: bool = True) -> ImageSet:
+def load_folder(root: str | os.PathLike[str], split: str, image_size: int, progress: bool = True) -> ImageSet:
     """Load `<root>/<split>/<class>/<image>` (Kaggle layout), classes in sorted folder order.
 
     Unreadable images are skipped with a warning naming the file; they are listed in `skipped`.
@@ -171,7 +173,12 @@ def load_folder(root: str | os.PathLike, split: str, image_size: int, progress: 
         images=images[: len(labels)].clone(),
         labels=torch.tensor(labels, dtype=torch.int64),
         classes=tuple(classes),
-        description={"source": "folder", "path": str(root.resolve()), "split": split_dir.name, "image_size": image_size},
+        description={
+            "source": "folder",
+            "path": str(root.resolve()),
+            "split": split_dir.name,
+            "image_size": image_size,
+        },
         paths=paths,
         skipped=skipped,
     )
@@ -192,12 +199,14 @@ def elpv_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
 
 def elpv_binary_labels(probabilities: np.ndarray) -> np.ndarray:
     """`defective` when the defect probability is >= 0.5, else `functional` (indices into ELPV_CLASSES)."""
-    return np.where(probabilities >= 0.5, ELPV_CLASSES.index("defective"), ELPV_CLASSES.index("functional"))
+    labels: np.ndarray = np.where(probabilities >= 0.5, ELPV_CLASSES.index("defective"),
+                                  ELPV_CLASSES.index("functional"))
+    return labels
 
 
 def elpv_four_labels(probabilities: np.ndarray) -> np.ndarray:
     """One class per defect probability, 0, 1/3, 2/3, 1 -> 0, 1, 2, 3 (indices into ELPV4_CLASSES)."""
-    labels = np.rint(probabilities * 3).astype(np.int64)
+    labels: np.ndarray = np.rint(probabilities * 3).astype(np.int64)
     if not np.allclose(labels / 3, probabilities):
         raise DataError("elpv defect probabilities other than 0, 1/3, 2/3 and 1: elpv4 cannot label them")
     return labels

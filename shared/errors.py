@@ -12,7 +12,7 @@ class AdvexplainError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, **details):
+    def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
         self.message = message
         self.details = details

@@ -7,6 +7,7 @@ way (percentiles with numpy's default linear interpolation, norms in 8-bit level
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +45,14 @@ def mean(values: Sequence[float]) -> float | None:
     return float(np.mean(np.asarray(values, dtype=np.float64))) if len(values) else None
 
 
-def summarise(results: Sequence[Explanation], misclassified: int | None = None) -> dict:
+def summarise(results: Sequence[Explanation], misclassified: int | None = None) -> dict[str, Any]:
     """The numbers of a run: success, queries, change size (over successes, in 8-bit levels and
     [0, 1] units), time, and why searches failed. `misclassified` defaults to len(results)."""
     changed = [r for r in results if r.success and not r.already_correct]
     failed = [r for r in results if not r.success]
-    linf = [r.linf * 255 for r in changed]
+    # A success that changed the image always has its norms; the filters only tell the type checker.
+    linf = [r.linf * 255 for r in changed if r.linf is not None]
+    l2 = [r.l2 for r in changed if r.l2 is not None]
     return {
         "misclassified": len(results) if misclassified is None else misclassified,
         "explained": len(results),
@@ -64,10 +67,10 @@ def summarise(results: Sequence[Explanation], misclassified: int | None = None) 
         "median_linf_255": percentile(linf, 50),
         "p90_linf_255": percentile(linf, 90),
         "max_linf_255": max(linf, default=None),
-        "median_linf": percentile([r.linf for r in changed], 50),
-        "median_l2": percentile([r.l2 for r in changed], 50),
-        "mean_l2": mean([r.l2 for r in changed]),
-        "median_rms_255": percentile([r.rms * 255 for r in changed], 50),
+        "median_linf": percentile([r.linf for r in changed if r.linf is not None], 50),
+        "median_l2": percentile(l2, 50),
+        "mean_l2": mean(l2),
+        "median_rms_255": percentile([r.rms * 255 for r in changed if r.rms is not None], 50),
         "seconds_per_explanation": mean([r.seconds for r in results]),
         "seconds_per_failure": mean([r.seconds for r in failed]),
         "max_seconds_failure": max((r.seconds for r in failed), default=None),

@@ -63,7 +63,8 @@ def decode_image(data: bytes, image_size: int, max_pixels: int, name: str = "ima
 
     Any Pillow mode becomes RGB (shared.data.load_pil_rgb); GIFs give their first frame.
     """
-    return resize_transform(image_size)(_rgb(data, max_pixels, name)).float().div_(255.0)
+    pixels: torch.Tensor = resize_transform(image_size)(_rgb(data, max_pixels, name))
+    return pixels.float().div_(255.0)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def decode_photo(data: bytes, max_pixels: int, max_side: int | None = None, name
     rgb = _rgb(data, max_pixels, name)
     original = rgb.size
     downscaled = max_side is not None and max(original) > max_side
-    if downscaled:
+    if max_side is not None and downscaled:
         scale = max_side / max(original)
         rgb = rgb.resize((max(1, round(original[0] * scale)), max(1, round(original[1] * scale))),
                          Image.Resampling.LANCZOS)

@@ -75,7 +75,10 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 class PaperCNN(nn.Module):
     """Conv blocks then a fully connected head; input (N, C, S, S) in [0,1], output logits (N, K)."""
 
-    def __init__(self, config: ModelConfig):
+    mean: torch.Tensor  # (1, C, 1, 1) buffers: the normalisation lives inside the model
+    std: torch.Tensor
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         channels = (config.in_channels, *config.conv_channels)
@@ -90,7 +93,8 @@ class PaperCNN(nn.Module):
         self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features((x - self.mean) / self.std))
+        logits: torch.Tensor = self.classifier(self.features((x - self.mean) / self.std))
+        return logits
 
 
 def count_parameters(model: nn.Module) -> int:

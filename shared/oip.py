@@ -36,7 +36,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import httpx
 import numpy as np
@@ -79,7 +79,7 @@ class OipEndpoint:
     version: str | None = None
 
     @classmethod
-    def parse(cls, url: str) -> "OipEndpoint":
+    def parse(cls, url: str) -> OipEndpoint:
         match = OIP_URL.match(url.strip()) if isinstance(url, str) else None
         if match is None:
             raise ValueError(f"{url!r} is not an Open Inference Protocol model URL: "
@@ -118,18 +118,22 @@ class OipInput:
     batched: bool = True
 
     @classmethod
-    def from_metadata(cls, tensor: "TensorMetadata") -> "OipInput":
-        datatype = tensor.datatype.upper()
-        if datatype not in ("FP32", "UINT8"):
-            raise ValueError(f"input {tensor.name!r} is {datatype}; only FP32 and UINT8 images are supported")
+    def from_metadata(cls, tensor: TensorMetadata) -> OipInput:
+        given = tensor.datatype.upper()
+        if given not in ("FP32", "UINT8"):
+            raise ValueError(f"input {tensor.name!r} is {given}; only FP32 and UINT8 images are supported")
+        datatype = cast(Literal["FP32", "UINT8"], given)
         shape = list(tensor.shape)
         batched = len(shape) == 4
         if len(shape) not in (3, 4):
-            raise ValueError(f"input {tensor.name!r} has shape {shape}: an image batch needs [B, C, H, W] or [B, H, W, C]")
+            raise ValueError(
+                f"input {tensor.name!r} has shape {shape}: an image batch needs [B, C, H, W] or [B, H, W, C]"
+            )
         batch = shape[0] if batched else 1
         dims = shape[1:] if batched else shape
         # The channel dimension is the one of size 1 or 3; when both ends could be (a 3-pixel-wide
         # image), NCHW, the usual layout for images in OIP servers, wins.
+        layout: Literal["NCHW", "NHWC"]
         if dims[0] in (1, 3):
             layout, channels, height, width = "NCHW", dims[0], dims[1], dims[2]
         elif dims[2] in (1, 3):
@@ -175,7 +179,7 @@ class OutputTensor(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    data: list
+    data: list[Any]
 
 
 class InferenceResponse(BaseModel):
@@ -228,7 +232,7 @@ class OipClassifier:
         pixel_scale: float = 1.0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-    ):
+    ) -> None:
         self.endpoint = OipEndpoint.parse(url)
         classes = tuple(classes)
         if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
@@ -244,6 +248,8 @@ class OipClassifier:
         if (mean is None) != (std is None):
             raise ValueError("give mean and std together, or neither")
         if mean is not None:
+            if std is None:  # checked above: both or neither
+                raise ValueError("give mean and std together, or neither")
             mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
             if len(mean) not in (1, 3) or len(std) != len(mean):
                 raise ValueError(f"mean and std need 1 or 3 values each, got {len(mean)} and {len(std)}")
@@ -313,7 +319,9 @@ class OipClassifier:
         try:
             metadata = ModelMetadata.model_validate(self._json(resp))
         except ValidationError as exc:
-            raise UpstreamBadResponse(f"{self.url} answered metadata without an input tensor: {_first_error(exc)}") from exc
+            raise UpstreamBadResponse(
+                f"{self.url} answered metadata without an input tensor: {_first_error(exc)}"
+            ) from exc
         if len(metadata.inputs) != 1:
             raise UpstreamBadResponse(f"{self.url} takes {len(metadata.inputs)} input tensors; an image classifier "
                                       "with one input is needed")
@@ -325,7 +333,9 @@ class OipClassifier:
             raise UpstreamBadResponse(f"{self.url} takes UINT8 pixels; pixel_scale, mean and std apply to FP32 "
                                       "inputs only")
         if self.mean is not None and len(self.mean) not in (1, spec.channels):
-            raise UpstreamBadResponse(f"{self.url} takes {spec.channels} channel(s); mean and std have {len(self.mean)}")
+            raise UpstreamBadResponse(
+                f"{self.url} takes {spec.channels} channel(s); mean and std have {len(self.mean)}"
+            )
         with self._lock:
             self._input = spec
         return spec
@@ -399,7 +409,7 @@ class OipClassifier:
                 self._last_query_count = int(header)
         return probs
 
-    def _parse_output(self, body, n: int, batched: bool = True) -> torch.Tensor:
+    def _parse_output(self, body: Any, n: int, batched: bool = True) -> torch.Tensor:
         def bad(why: str) -> UpstreamBadResponse:
             return UpstreamBadResponse(f"{self.url}/infer answered {why}")
 
@@ -437,7 +447,7 @@ class OipClassifier:
 
     # ------------------------------------------------------------ transport
 
-    def _request(self, method: str, url: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
             resp = self._client.request(method, url, **kwargs)
         except httpx.TimeoutException as exc:
@@ -452,7 +462,7 @@ class OipClassifier:
             raise UpstreamBadResponse(f"{url} answered {resp.status_code}: {_error_text(resp)}")
         return resp
 
-    def _json(self, resp: httpx.Response):
+    def _json(self, resp: httpx.Response) -> Any:
         try:
             return resp.json()
         except ValueError as exc:
@@ -464,10 +474,10 @@ class OipClassifier:
         if self._owns_client:
             self._client.close()
 
-    def __enter__(self) -> "OipClassifier":
+    def __enter__(self) -> OipClassifier:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -477,8 +487,8 @@ def _error_text(resp: httpx.Response) -> str:
         body = resp.json()
     except ValueError:
         return repr(resp.text[:200])
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return body["error"][:200]
+    if isinstance(body, dict) and isinstance(error := body.get("error"), str):
+        return error[:200]
     return str(body)[:200]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 import torch
@@ -68,7 +68,7 @@ def connect_black_box(
     pixel_scale: float = 1.0,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-) -> "RemoteClassifier | OipClassifier":
+) -> RemoteClassifier | OipClassifier:
     """The black box at `url`: an OipClassifier for an OIP model URL, else a RemoteClassifier (POST /predict).
 
     `classes` are the caller's (the surrogate's, or the local data's): neither protocol is trusted
@@ -127,7 +127,7 @@ class RemoteClassifier:
         timeout: float = DEFAULT_TIMEOUT,
         connect_retries: int = 2,
         max_images: int | None = None,
-    ):
+    ) -> None:
         classes = tuple(classes)
         if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
             raise InvalidInput(f"a remote classifier needs at least two distinct class names, got {classes!r}")
@@ -260,12 +260,14 @@ class RemoteClassifier:
 
     # ------------------------------------------------------------ transport
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         url = f"{self.base_url}{path}"
         try:
             resp = self._client.request(method, url, **kwargs)
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"the black box at {self.base_url} did not answer in time ({type(exc).__name__})") from exc
+            raise UpstreamTimeout(
+                f"the black box at {self.base_url} did not answer in time ({type(exc).__name__})"
+            ) from exc
         except httpx.NetworkError as exc:
             raise UpstreamUnavailable(f"cannot reach the black box at {self.base_url}: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -281,10 +283,10 @@ class RemoteClassifier:
         if self._owns_client:
             self._client.close()
 
-    def __enter__(self) -> "RemoteClassifier":
+    def __enter__(self) -> RemoteClassifier:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

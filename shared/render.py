@@ -7,11 +7,16 @@ uses a black-red-yellow-white ramp, scaled so that the map's largest value is wh
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from advexplain.shared.pixels import encode_png, to_uint8
+
+if TYPE_CHECKING:  # the explain package imports nothing from here; at run time any object with these fields does
+    from advexplain.shared.explain import Explanation
 
 # (position, RGB) anchors of the heat ramp; 0 is black so that Algorithm 2's zeros vanish.
 _RAMP = np.array([(0.0, 0, 0, 0), (0.35, 180, 20, 20), (0.7, 255, 170, 0), (1.0, 255, 255, 230)], dtype=np.float64)
@@ -41,7 +46,9 @@ def heat(saliency: torch.Tensor | None, shape: tuple[int, int], vmax: float | No
     return LUT[(scaled * 255).round().astype(np.int64)]
 
 
-def overlay(image: np.ndarray, heat_map: np.ndarray, saliency: torch.Tensor | None, vmax: float | None = None) -> np.ndarray:
+def overlay(
+    image: np.ndarray, heat_map: np.ndarray, saliency: torch.Tensor | None, vmax: float | None = None
+) -> np.ndarray:
     """Heat map over the image, opaque where the saliency is high and transparent where it is 0."""
     if saliency is None:
         return image
@@ -49,15 +56,22 @@ def overlay(image: np.ndarray, heat_map: np.ndarray, saliency: torch.Tensor | No
     top = float(vmax) if vmax else float(values.max())
     alpha = np.zeros_like(values) if top <= 0 else np.clip(values / top, 0, 1) * 0.6 + (values > 0) * 0.3
     alpha = np.clip(alpha, 0, 1)[..., None]
-    return (image * (1 - alpha) + heat_map * alpha).round().astype(np.uint8)
+    blended: np.ndarray = (image * (1 - alpha) + heat_map * alpha).round().astype(np.uint8)
+    return blended
 
 
-def _label(explanation, index: int) -> str:
+def _label(explanation: Explanation, index: int) -> str:
     classes = getattr(explanation, "classes", ()) or ()
     return classes[index] if 0 <= index < len(classes) else str(index)
 
 
-def panel(explanation, original: np.ndarray, adversarial: np.ndarray, heat_map: np.ndarray, tile: int = PANEL_TILE) -> np.ndarray:
+def panel(
+    explanation: Explanation,
+    original: np.ndarray,
+    adversarial: np.ndarray,
+    heat_map: np.ndarray,
+    tile: int = PANEL_TILE,
+) -> np.ndarray:
     """Original | adversarial | saliency, each scaled (nearest-neighbour, so the pixels stay visible)
     to fit a `tile` x `tile` square with its aspect ratio kept, with the predictions and the true
     label written above them."""
@@ -69,7 +83,7 @@ def panel(explanation, original: np.ndarray, adversarial: np.ndarray, heat_map: 
     canvas = Image.new("RGB", (3 * tile + 4 * 6, tile + top + 6), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     e = explanation
-    if e.success and not e.already_correct:
+    if e.success and not e.already_correct and e.linf is not None and e.l2 is not None:  # a change has norms
         note = f"L-inf {e.linf * 255:.1f}/255  L2 {e.l2:.3f}  queries {e.queries}"
         adv_caption = f"adversarial: {_label(e, e.final_prediction)}"
     elif e.already_correct:
@@ -77,7 +91,11 @@ def panel(explanation, original: np.ndarray, adversarial: np.ndarray, heat_map: 
     else:
         reason = f", {e.failure_reason}" if getattr(e, "failure_reason", None) else ""
         note, adv_caption = f"no explanation found (queries {e.queries}{reason})", "search failed"
-    captions = (f"original: predicted {_label(e, e.original_prediction)}", adv_caption, f"saliency (true: {_label(e, e.label)})")
+    captions = (
+        f"original: predicted {_label(e, e.original_prediction)}",
+        adv_caption,
+        f"saliency (true: {_label(e, e.label)})",
+    )
     for i, (array, caption) in enumerate(zip((original, adversarial, heat_map), captions)):
         x = 6 + i * (tile + 6)
         canvas.paste(Image.fromarray(array).resize((tile_w, tile_h), Image.Resampling.NEAREST),
@@ -87,7 +105,7 @@ def panel(explanation, original: np.ndarray, adversarial: np.ndarray, heat_map: 
     return np.asarray(canvas)
 
 
-def render_explanation(explanation, saliency: torch.Tensor | None, *, vmax: float | None = None,
+def render_explanation(explanation: Explanation, saliency: torch.Tensor | None, *, vmax: float | None = None,
                        tile: int = PANEL_TILE) -> dict[str, bytes]:
     """PNG bytes of one explanation: 'saliency' (heat map), 'overlay' (heat map over the original),
     'adversarial' (the 8-bit adversarial image at the photo's own size, lossless) and 'panel' (Figure 2);

@@ -38,7 +38,7 @@ def pixel_magnitude(perturbation: torch.Tensor) -> torch.Tensor:
 
 
 def _check(tau: float, beta: float) -> None:
-    for name, value, low in (("tau", tau, 0.0), ("beta", beta, 1.0)):
+    for name, value in (("tau", tau), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidInput(f"{name} must be a finite number, got {value!r}")
     if tau <= 0:
@@ -84,4 +84,7 @@ def saliency_map(perturbation: torch.Tensor, tau: float = DEFAULT_TAU, beta: flo
     """
     if perturbation is None:
         raise InvalidInput("no perturbation (the search failed): nothing to draw")
-    return saliency_maps([perturbation], tau, beta)[0]
+    _check(tau, beta)
+    magnitude = pixel_magnitude(perturbation)
+    q1, q3 = quartiles([magnitude])
+    return _threshold(magnitude, q1, q3, tau, beta)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ def channel_stats(images: ImageSet) -> tuple[tuple[float, ...], tuple[float, ...
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: ImageSet, batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
+def predict(
+    model: torch.nn.Module, images: ImageSet, batch_size: int = 256, device: torch.device | None = None
+) -> torch.Tensor:
     """Predicted class index for every image, (N,) int64 on the CPU. Restores the model's mode."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -47,7 +50,9 @@ def accuracy(model: torch.nn.Module, images: ImageSet, device: torch.device | No
     return float((predict(model, images, device=device) == images.labels).float().mean())
 
 
-def class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float | None]:
+def class_accuracy(
+    predictions: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]
+) -> dict[str, float | None]:
     """Per-class accuracy (the class's recall): the share of its images predicted as it.
 
     predictions, labels: (N,) int64 class indices. Returns one entry per class, in index order;
@@ -111,8 +116,11 @@ def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tup
         raise TrainingCollapsed(
             f"training collapsed to chance level: balanced accuracy {balanced:.3f} for {present} classes "
             f"(chance {chance:.3f}); per-class accuracy {listed}; {share:.1%} of validation images are predicted "
-            f"'{classes[top]}'. Nothing was saved. Try more --epochs, another --seed, a larger --width, or a lower --lr.",
-            predicted_share=share, balanced_accuracy=balanced, class_accuracy=per_class,
+            f"'{classes[top]}'. Nothing was saved. Try more --epochs, another --seed, a larger --width, "
+            "or a lower --lr.",
+            predicted_share=share,
+            balanced_accuracy=balanced,
+            class_accuracy=per_class,
         )
 
 
@@ -156,7 +164,7 @@ def train_model(
     model = PaperCNN(config).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    history: list[dict] = []
+    history: list[dict[str, Any]] = []
     started = time.perf_counter()
     n = len(train_set)
     predictions: torch.Tensor | None = None  # the last epoch's validation predictions
@@ -164,7 +172,9 @@ def train_model(
         model.train()
         order = torch.randperm(n, generator=generator)
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(0, n, batch_size), desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False)
+        bar = tqdm(
+            range(0, n, batch_size), desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False
+        )
         for start in bar:
             idx = order[start : start + batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples; drop a lone leftover image this epoch

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 CLIENT_ID_HEADER = "X-Client-Id"
 MAX_CLIENT_ID = 64
 # Printable ASCII without spaces: it ends up in logs, headers and (bounded) metric labels.
-CLIENT_ID = re.compile(r"[!-~]{1,%d}" % MAX_CLIENT_ID)
+CLIENT_ID = re.compile(rf"[!-~]{{1,{MAX_CLIENT_ID}}}")
 CLIENT_ID_RULE = f"1-{MAX_CLIENT_ID} printable ASCII characters without spaces"
 
 

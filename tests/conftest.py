@@ -47,7 +47,9 @@ def faces_root() -> Path:
     """The real gender-faces data set, from ADVEXPLAIN_FACES (set by .ci/run)."""
     value = os.environ.get("ADVEXPLAIN_FACES")
     if not value:
-        pytest.skip("ADVEXPLAIN_FACES is not set: point it at ../shared/datasets/gender-faces to run the real-faces tests")
+        pytest.skip(
+            "ADVEXPLAIN_FACES is not set: point it at ../shared/datasets/gender-faces to run the real-faces tests"
+        )
     root = Path(value)
     assert root.is_dir(), f"ADVEXPLAIN_FACES={value} is not a folder"
     return root

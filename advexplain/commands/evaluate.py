@@ -26,15 +26,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from advexplain.commands.blackbox_flags import add_oip_flags, oip_options
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier
-from advexplain.shared.data import BUILTIN
+from advexplain.shared.data import BUILTIN, load_photos
 from advexplain.shared.errors import InvalidInput
 from advexplain.shared.evaluation import PAPER, summarise
-from advexplain.shared.explain import (DEFAULT_MAX_LINF, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, METHODS,
-                                       EnsembleSurrogate, explain, method_options)
-from advexplain.shared.data import load_photos
-from advexplain.commands.blackbox_flags import add_oip_flags, oip_options
+from advexplain.shared.explain import (
+    DEFAULT_MAX_LINF,
+    DEFAULT_MAX_QUERIES,
+    DEFAULT_METHOD,
+    METHODS,
+    EnsembleSurrogate,
+    explain,
+    method_options,
+)
 from advexplain.shared.remote import connect_black_box
 from advexplain.shared.render import render_explanation
 from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU, saliency_maps
@@ -155,7 +161,8 @@ def report_markdown(m: dict, args, meta: dict) -> str:
         f"surrogate {fmt(meta.get('surrogate_val_accuracy'), '.4f')}. max_queries {args.max_queries}, "
         f"max_linf {args.max_linf * 255:.0f}/255.",
         "",
-        "| | misclassified | success rate | mean search queries | median L-inf | p90 L-inf | median RMS | s / explanation |",
+        "| | misclassified | success rate | mean search queries | median L-inf | p90 L-inf | median RMS "
+        "| s / explanation |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| paper ({'Alg. 1' if args.mode == 'whitebox' else 'Alg. 3'}) | {paper['misclassified']} | "
         f"{paper['success_rate']:.2%} | {paper['mean_search_queries']:.2f} | n/a | n/a | n/a | n/a |",
@@ -164,10 +171,12 @@ def report_markdown(m: dict, args, meta: dict) -> str:
         f"{fmt(m['p90_linf_255'], '.1f')}/255 | {fmt(m['median_rms_255'], '.2f')}/255 | "
         f"{fmt(m['seconds_per_explanation'], '.3f')} |",
         "",
-        "Search queries are oracle images after the first prediction (what the paper counts); mean queries including it: "
+        "Search queries are oracle images after the first prediction (what the paper counts); "
+        "mean queries including it: "
         f"{fmt(m['mean_queries'], '.2f')}. A success is a change the oracle accepts of at most max_linf; norms are of "
         "the change, over successes, in 8-bit levels. Failures: "
-        + (", ".join(f"{k} {v}" for k, v in m["failure_reasons"].items()) or "none") + ".",
+        + (", ".join(f"{k} {v}" for k, v in m["failure_reasons"].items()) or "none")
+        + ".",
         "",
         f"Distillation: {m['distillation_queries']} black-box queries spent training the surrogate(s), "
         f"{fmt(m['distillation_queries_per_image'], '.2f')} per explained image; screening (finding the mistakes "
@@ -215,7 +224,8 @@ def goal_report_markdown(m: dict, args, meta: dict) -> str:
         f"surrogate {fmt(meta.get('surrogate_val_accuracy'), '.4f')}. max_queries {args.max_queries}, "
         f"max_linf {args.max_linf * 255:.0f}/255.",
         "",
-        "| | explained | success rate | mean search queries | median L-inf | p90 L-inf | median RMS | s / explanation |",
+        "| | explained | success rate | mean search queries | median L-inf | p90 L-inf | median RMS "
+        "| s / explanation |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| ours (`{args.method}`) | {m['explained']} | {fmt(m['success_rate'], '.2%')} | "
         f"{fmt(m['mean_search_queries'], '.2f')} | {fmt(m['median_linf_255'], '.1f')}/255 | "
@@ -224,7 +234,8 @@ def goal_report_markdown(m: dict, args, meta: dict) -> str:
         "",
         "A success is a change of at most max_linf that the oracle classifies as the goal class; norms are of the "
         "change, over successes, in 8-bit levels. Failures: "
-        + (", ".join(f"{k} {v}" for k, v in m["failure_reasons"].items()) or "none") + ".",
+        + (", ".join(f"{k} {v}" for k, v in m["failure_reasons"].items()) or "none")
+        + ".",
         "",
         *by_goal_lines(m),
         "## Gallery (original | adversarial | saliency)",
@@ -332,19 +343,35 @@ def run(args) -> int:
         "oracle": args.blackbox_url or f"{args.blackbox}{' (label-only)' if args.label_only else ''}",
         "gradient_source": source_name,
         "blackbox_val_accuracy": blackbox_ckpt.meta.metrics.get("val_accuracy") if blackbox_ckpt else None,
-        "surrogate_val_accuracy": surrogate_ckpts[0].meta.metrics.get("val_accuracy") if len(surrogate_ckpts) == 1 else None,
+        "surrogate_val_accuracy": surrogate_ckpts[0].meta.metrics.get("val_accuracy")
+        if len(surrogate_ckpts) == 1
+        else None,
         "median_size": f"{sizes[len(sizes) // 2][1]}x{sizes[len(sizes) // 2][0]}" if sizes else "n/a",
         "gallery": gallery,
     }
-    metrics.update({
-        "selection": selection, "target": None if target is None else classes[target], "nearest_by": nearest_by,
-        "selected": selected, "correctly_classified_explained": sum(predictions[i] == photos.labels[i] for i, _ in goals),
-        "by_goal": by_goal(results, classes),
-        "mode": args.mode, "method": args.method, "options": options.model_dump(), "label_only": args.label_only,
-        "data": str(args.data), "split": args.split, "photos": len(photos), "tau": args.tau, "beta": args.beta,
-        "oracle_queries_total": getattr(oracle, "queries", None), "paper": PAPER[args.mode],
-        "wall_seconds": time.perf_counter() - started, **{k: v for k, v in meta.items() if k != "gallery"},
-    })
+    metrics.update(
+        {
+            "selection": selection,
+            "target": None if target is None else classes[target],
+            "nearest_by": nearest_by,
+            "selected": selected,
+            "correctly_classified_explained": sum(predictions[i] == photos.labels[i] for i, _ in goals),
+            "by_goal": by_goal(results, classes),
+            "mode": args.mode,
+            "method": args.method,
+            "options": options.model_dump(),
+            "label_only": args.label_only,
+            "data": str(args.data),
+            "split": args.split,
+            "photos": len(photos),
+            "tau": args.tau,
+            "beta": args.beta,
+            "oracle_queries_total": getattr(oracle, "queries", None),
+            "paper": PAPER[args.mode],
+            "wall_seconds": time.perf_counter() - started,
+            **{k: v for k, v in meta.items() if k != "gallery"},
+        }
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     with (out / "explanations.jsonl").open("w") as fh:
         for (i, _), r in zip(goals, results):

@@ -23,7 +23,7 @@ def _settings_or_exit(settings_cls, given: dict):
         return settings_cls(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(settings)'}: {e['msg']}" for e in exc.errors()]
-        print(f"advexplain serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+        print("advexplain serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -57,7 +57,9 @@ def _serve_blackbox(args: argparse.Namespace) -> int:
     from advexplain.services.blackbox.app import create_app
     from advexplain.services.blackbox.settings import BlackboxSettings
 
-    settings = _settings_or_exit(BlackboxSettings, {name: getattr(args, name, None) for name in BlackboxSettings.model_fields})
+    settings = _settings_or_exit(
+        BlackboxSettings, {name: getattr(args, name, None) for name in BlackboxSettings.model_fields}
+    )
     if settings.protocol == "oip":
         try:
             from advexplain.services.blackbox.oip import serve_oip
@@ -117,7 +119,9 @@ def _serve_explainer(args: argparse.Namespace) -> int:
     from advexplain.services.explainer.app import create_app
     from advexplain.services.explainer.settings import ExplainerSettings
 
-    settings = _settings_or_exit(ExplainerSettings, {name: getattr(args, name, None) for name in ExplainerSettings.model_fields})
+    settings = _settings_or_exit(
+        ExplainerSettings, {name: getattr(args, name, None) for name in ExplainerSettings.model_fields}
+    )
     if settings.workers > 1:
         return _serve_workers(args, settings)
     return _serve(args, ExplainerSettings, create_app, settings)
@@ -149,7 +153,9 @@ def _serve(args: argparse.Namespace, settings_cls, create_app, settings=None) ->
     import uvicorn
 
     if settings is None:
-        settings = _settings_or_exit(settings_cls, {name: getattr(args, name, None) for name in settings_cls.model_fields})
+        settings = _settings_or_exit(
+            settings_cls, {name: getattr(args, name, None) for name in settings_cls.model_fields}
+        )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 access_log=args.log_level == "debug")
     return 0

@@ -9,10 +9,10 @@ from pathlib import Path
 from advexplain.commands.blackbox_flags import add_oip_flags, oip_options
 from advexplain.shared.checkpoints import save_checkpoint
 from advexplain.shared.data import BUILTIN, fingerprint, load_images, sample_fraction
-from advexplain.shared.models import ModelConfig
+from advexplain.shared.devices import pick_device
 from advexplain.shared.distill import distill_labels
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.devices import pick_device
+from advexplain.shared.models import ModelConfig
 from advexplain.shared.training import channel_stats, predict, train_model
 
 # The paper's schedule (Adam, lr 0.001, batch 64; 20 epochs black box, 50 surrogate).
@@ -27,8 +27,11 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train the black box or the surrogate and save a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("kind", choices=("blackbox", "surrogate"))
-    p.add_argument("--data", default=BUILTIN,
-                   help="'elpv' (built-in, 2 classes), 'elpv4' (built-in, 4 classes) or a folder <root>/<split>/<class>/<image>")
+    p.add_argument(
+        "--data",
+        default=BUILTIN,
+        help="'elpv' (built-in, 2 classes), 'elpv4' (built-in, 4 classes) or a folder <root>/<split>/<class>/<image>",
+    )
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder (default models/<kind>)")
     p.add_argument("--fraction", type=float, default=None,
                    help="seeded random share of the training split (default 1.0 black box, 0.1 surrogate)")
@@ -36,7 +39,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image-size", type=int, default=None, help="default: 100 on CUDA, 64 on the CPU")
-    p.add_argument("--width", type=float, default=None, help="layer width multiplier, 1.0 = the paper (default: 1.0 on CUDA, 0.125 on the CPU)")
+    p.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="layer width multiplier, 1.0 = the paper (default: 1.0 on CUDA, 0.125 on the CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--train-split", default="train")
@@ -121,7 +129,9 @@ def run(args) -> int:
     support = val_set.class_counts()
     per_class = ", ".join(f"{name} {'-' if a is None else f'{a:.4f}'} ({support[name]})"
                           for name, a in result.val_class_accuracy.items())
-    print(f"{args.kind}: validation accuracy per class (images): {per_class}; balanced {result.val_balanced_accuracy:.4f}")
+    print(
+        f"{args.kind}: validation accuracy per class (images): {per_class}; balanced {result.val_balanced_accuracy:.4f}"
+    )
     return 0
 
 

@@ -9,11 +9,11 @@ from fastapi.responses import JSONResponse
 
 from advexplain.services.blackbox.counter import parse_client_id
 from advexplain.services.blackbox.schemas import Health
-from advexplain.shared.wire import PredictResponse
 from advexplain.services.blackbox.service import BlackBox
 from advexplain.services.common.errors import ServiceNotReady, error_responses
 from advexplain.services.common.images import read_upload
 from advexplain.shared.errors import PayloadTooLarge
+from advexplain.shared.wire import PredictResponse
 
 router = APIRouter()
 
@@ -25,7 +25,9 @@ def get_blackbox(request: Request) -> BlackBox:
     return blackbox
 
 
-def get_client(x_client_id: Annotated[str | None, Header(description="who is asking; default `anonymous`")] = None) -> str:
+def get_client(
+    x_client_id: Annotated[str | None, Header(description="who is asking; default `anonymous`")] = None,
+) -> str:
     return parse_client_id(x_client_id)
 
 

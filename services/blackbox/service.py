@@ -1,4 +1,4 @@
-"""The black box as an object: decode uploads, one forward pass per request behind admission control, count the images."""
+"""The black box as an object: decode uploads, one forward pass per request behind admission, count the images."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import torch
 from prometheus_client import Counter
 
 from advexplain.services.blackbox.counter import QueryCounter
-from advexplain.shared.wire import Prediction, PredictResponse
 from advexplain.services.blackbox.settings import BlackboxSettings
 from advexplain.services.common.admission import Admission
-from advexplain.shared.images import decode_image
 from advexplain.services.common.metrics import BoundedLabels, ServiceMetrics
 from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.images import decode_image
+from advexplain.shared.wire import Prediction, PredictResponse
 
 
 class BlackBox:

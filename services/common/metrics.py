@@ -123,6 +123,6 @@ class LatencyMiddleware:
             # The template, never the raw path: raw paths would be unbounded label values.
             template = getattr(route, "path", None) or UNMATCHED_ROUTE
             method = scope.get("method", "")
-            self.metrics.latency.labels(method=method if method in METHODS else "other", route=template, status=str(status)).observe(
-                time.perf_counter() - started
-            )
+            self.metrics.latency.labels(
+                method=method if method in METHODS else "other", route=template, status=str(status)
+            ).observe(time.perf_counter() - started)

@@ -1,1 +1,1 @@
-"""The explainer service: explains black-box misclassifications with a surrogate's gradients, asking the black box only through /predict."""
+"""The explainer service: a black box's mistakes explained with a surrogate's gradients, the box asked via /predict."""

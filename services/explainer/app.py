@@ -1,4 +1,4 @@
-"""The explainer app factory: `create_app(settings)`; surrogate(s), white box and the black-box client load in the lifespan."""
+"""The explainer app factory, `create_app(settings)`: surrogates, white box and box client load in the lifespan."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
             raise CheckpointError(f"the classes setting names {len(classes)} classes, the surrogate has "
                                   f"{len(surrogate.classes)}")
         if whitebox is not None and len(whitebox.classes) != len(classes):
-            raise CheckpointError(f"the white-box model has {len(whitebox.classes)} classes, the surrogate {len(classes)}")
+            raise CheckpointError(
+                f"the white-box model has {len(whitebox.classes)} classes, the surrogate {len(classes)}"
+            )
         # /predict or the Open Inference Protocol, as the URL says; the pooled client's timeouts and retries apply.
         blackbox = connect_black_box(settings.blackbox_url, classes, client=http, client_id=settings.client_id,
                                      pixel_scale=settings.oip_pixel_scale, mean=settings.oip_mean, std=settings.oip_std)

@@ -13,10 +13,17 @@ from advexplain.services.common.errors import ServiceNotReady, error_responses
 from advexplain.services.common.images import read_upload
 from advexplain.services.explainer.auth import token_problem
 from advexplain.services.explainer.schemas import ExplainResponse, Health, explanation_headers, response_from
-from advexplain.services.explainer.service import BLACKBOX, WHITEBOX, ExplainParams, Explainer, ExplainResult
+from advexplain.services.explainer.service import BLACKBOX, WHITEBOX, Explainer, ExplainParams, ExplainResult
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.explain import (DEFAULT_ALPHA, DEFAULT_MAX_LINF, DEFAULT_MAX_QUERIES, DEFAULT_METHOD, MAX_ALPHA,
-                                       METHODS, method_options)
+from advexplain.shared.explain import (
+    DEFAULT_ALPHA,
+    DEFAULT_MAX_LINF,
+    DEFAULT_MAX_QUERIES,
+    DEFAULT_METHOD,
+    MAX_ALPHA,
+    METHODS,
+    method_options,
+)
 from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU
 
 router = APIRouter()
@@ -35,20 +42,47 @@ def get_explainer(request: Request) -> Explainer:
 def explain_params(
     explainer: Annotated[Explainer, Depends(get_explainer)],
     label: Annotated[str, Form(min_length=1, max_length=200, description="the true label: a class name or its index")],
-    target: Annotated[str | None, Form(min_length=1, max_length=200, description="the class the change should make "
-                                       "the model predict (a name or an index); default: the label")] = None,
+    target: Annotated[
+        str | None,
+        Form(
+            min_length=1,
+            max_length=200,
+            description="the class the change should make the model predict (a name or an index); default: the label",
+        ),
+    ] = None,
     method: Annotated[MethodName, Form(description="search method")] = DEFAULT_METHOD,
-    max_queries: Annotated[int, Form(ge=1, description="most images sent to the oracle, the first prediction "
-                                     "included (the service's own limit applies)")] = DEFAULT_MAX_QUERIES,
-    max_linf: Annotated[float, Form(gt=0, le=1, allow_inf_nan=False, description="largest per-pixel change of a "
-                                    "success, in [0, 1] pixel units (a larger change is a failure)")] = DEFAULT_MAX_LINF,
-    refine: Annotated[int | None, Form(ge=0, description="extra queries spent shrinking a found change "
-                                       "(margin methods); default: the method's")] = None,
+    max_queries: Annotated[
+        int,
+        Form(
+            ge=1,
+            description="most images sent to the oracle, the first prediction "
+            "included (the service's own limit applies)",
+        ),
+    ] = DEFAULT_MAX_QUERIES,
+    max_linf: Annotated[
+        float,
+        Form(
+            gt=0,
+            le=1,
+            allow_inf_nan=False,
+            description="largest per-pixel change of a success, in [0, 1] pixel units (a larger change is a failure)",
+        ),
+    ] = DEFAULT_MAX_LINF,
+    refine: Annotated[
+        int | None,
+        Form(ge=0, description="extra queries spent shrinking a found change (margin methods); default: the method's"),
+    ] = None,
     tau: Annotated[float, Form(gt=0, allow_inf_nan=False, description="Algorithm 2's relaxation")] = DEFAULT_TAU,
     beta: Annotated[float, Form(gt=1, allow_inf_nan=False, description="Algorithm 2's boost")] = DEFAULT_BETA,
-    alpha: Annotated[float | None, Form(gt=0, le=MAX_ALPHA, allow_inf_nan=False,
-                                        description="bound on the paper's epsilon (method paper only; default "
-                                                    f"{DEFAULT_ALPHA})")] = None,
+    alpha: Annotated[
+        float | None,
+        Form(
+            gt=0,
+            le=MAX_ALPHA,
+            allow_inf_nan=False,
+            description=f"bound on the paper's epsilon (method paper only; default {DEFAULT_ALPHA})",
+        ),
+    ] = None,
 ) -> ExplainParams:
     limit = explainer.settings.max_queries
     if max_queries > limit:

@@ -149,7 +149,9 @@ class Explainer:
                 oracle = RequestOracle(self.blackbox, photo.image, None if photo.downscaled else data)
             result = explain(photo.image, label, source, oracle, params.method, target=target, whitebox=white,
                              options=params.options)
-            saliency = None if result.perturbation is None else saliency_map(result.perturbation, params.tau, params.beta)
+            saliency = (
+                None if result.perturbation is None else saliency_map(result.perturbation, params.tau, params.beta)
+            )
             pngs = render_explanation(result, saliency)
             outcome = "already_correct" if result.already_correct else "success" if result.success else "failed"
             return ExplainResult(result, pngs, params, photo)

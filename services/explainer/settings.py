@@ -45,13 +45,17 @@ class ExplainerSettings(ServiceSettings):
         None, validate_default=True, description="OIP black box with FP32 input: per-channel std divided by after "
                                                  "the mean; with oip_mean")
     whitebox_model: Path | None = Field(None, description="the real model's checkpoint, for /internal/whitebox/explain")
-    whitebox_token: SecretStr | None = Field(None, description="bearer token of the white-box route; unset or empty = off")
+    whitebox_token: SecretStr | None = Field(
+        None, description="bearer token of the white-box route; unset or empty = off"
+    )
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8001, ge=0, le=65535)
     client_id: str = Field("advexplain-explainer", description="X-Client-Id sent to the black box")
     connect_timeout: float = Field(5.0, gt=0, le=300, description="seconds to connect to the black box")
     read_timeout: float = Field(30.0, gt=0, le=3600, description="seconds to wait for one black-box answer")
-    connect_retries: int = Field(2, ge=0, le=10, description="retries of failed connects only (a sent POST is never resent)")
+    connect_retries: int = Field(
+        2, ge=0, le=10, description="retries of failed connects only (a sent POST is never resent)"
+    )
     blackbox_connections: int = Field(8, ge=1, le=256, description="pooled connections to the black box")
     health_timeout: float = Field(2.0, gt=0, le=60, description="seconds /healthz waits for the black box")
     workers: int = Field(1, ge=1, le=64, description="explainer processes on one port (uvicorn workers); the "
@@ -173,8 +177,10 @@ class ExplainerSettings(ServiceSettings):
         if value is not None:
             secret = value.get_secret_value()
             if len(secret) < MIN_TOKEN_LENGTH or secret != secret.strip() or not secret.isprintable():
-                raise ValueError(f"whitebox_token must be at least {MIN_TOKEN_LENGTH} printable characters "
-                                 "without surrounding spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+                raise ValueError(
+                    f"whitebox_token must be at least {MIN_TOKEN_LENGTH} printable characters "
+                    "without surrounding spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
         return value
 
     @field_validator("blackbox_url")

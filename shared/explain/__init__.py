@@ -13,17 +13,24 @@ inside a growing L-inf budget, then one 8-bit query), `margin-linf` (the same wi
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.explain.base import (DEFAULT_MAX_LINF, DEFAULT_MAX_QUERIES, MAX_QUERIES_LIMIT, Explanation,
-                                            Method, SearchOptions)
+from advexplain.shared.explain.base import (
+    DEFAULT_MAX_LINF,
+    DEFAULT_MAX_QUERIES,
+    MAX_QUERIES_LIMIT,
+    Explanation,
+    Method,
+    SearchOptions,
+)
 from advexplain.shared.explain.ensemble import EnsembleSurrogate
 from advexplain.shared.explain.margin import MarginOptions, MarginSearch, MarginSearchLinf
 from advexplain.shared.explain.paper import DEFAULT_ALPHA, MAX_ALPHA, PaperLineSearch, PaperOptions, epsilon_schedule
-from advexplain.shared.protocols import GradientSource
+from advexplain.shared.protocols import Classifier, GradientSource
 
 METHODS: dict[str, Method] = {m.name: m for m in (MarginSearch(), MarginSearchLinf(), PaperLineSearch())}
 DEFAULT_METHOD = "margin"
@@ -35,7 +42,7 @@ __all__ = [
 ]
 
 
-def method_options(method: str, **options) -> SearchOptions:
+def method_options(method: str, **options: Any) -> SearchOptions:
     """The frozen options of `method`, validated; InvalidInput names every bad or unknown field."""
     if not isinstance(method, str) or method not in METHODS:
         raise InvalidInput(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -46,7 +53,7 @@ def method_options(method: str, **options) -> SearchOptions:
         raise InvalidInput(f"invalid options for method {method!r}: {problems}") from None
 
 
-def _class_index(value, n: int, what: str) -> int:
+def _class_index(value: object, n: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidInput(f"{what} must be an integer class index, got {value!r}")
     if not 0 <= int(value) < n:
@@ -58,13 +65,13 @@ def explain(
     image: torch.Tensor,
     label: int,
     gradient_source: GradientSource,
-    oracle,
+    oracle: Classifier,
     method: str = DEFAULT_METHOD,
     *,
     target: int | None = None,
     whitebox: bool = False,
     options: SearchOptions | None = None,
-    **overrides,
+    **overrides: Any,
 ) -> Explanation:
     """Find an image close to `image` that `oracle` classifies as `target` (default: `label`).
 
@@ -89,7 +96,12 @@ def explain(
         options = method_options(method, **overrides)
     elif overrides or not isinstance(options, METHODS[method].options_type if method in METHODS else SearchOptions):
         raise InvalidInput("pass either an options object of the method's type or keyword options, not both")
-    if not isinstance(image, torch.Tensor) or image.ndim != 3 or not image.is_floating_point() or image.shape[0] not in (1, 3):
+    if (
+        not isinstance(image, torch.Tensor)
+        or image.ndim != 3
+        or not image.is_floating_point()
+        or image.shape[0] not in (1, 3)
+    ):
         raise InvalidInput("image must be a float tensor (C, H, W) with 1 or 3 channels")
     if image.numel() == 0 or not bool(torch.isfinite(image).all()) or image.min() < 0 or image.max() > 1:
         raise InvalidInput("image values must be finite and in [0, 1]")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -84,7 +84,7 @@ class Explanation:
     rms: float | None
     method: str
     classes: tuple[str, ...] = ()
-    trace: list[dict] = field(default_factory=list)
+    trace: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     failure_reason: str | None = None
 
@@ -135,7 +135,7 @@ def _finite(value: float | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _jsonable(value):
+def _jsonable(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
@@ -162,7 +162,7 @@ class BudgetSpent(Exception):
 class BudgetedOracle:
     """The oracle as a search sees it: one 8-bit image at a time, counted, never past the budget."""
 
-    def __init__(self, oracle: Classifier, max_queries: int):
+    def __init__(self, oracle: Classifier, max_queries: int) -> None:
         self.oracle = oracle
         self.max_queries = max_queries
         self.queries = 0
@@ -201,7 +201,9 @@ def no_side_effects(source: GradientSource) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
-def value_and_grad(objective, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def value_and_grad(
+    objective: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(objective(x) as an (N,) tensor, d sum(objective) / dx), x never modified.
 
     The one copy of the input-gradient boilerplate: samples are independent (eval mode), so the
@@ -222,14 +224,14 @@ class Search:
     """
 
     def __init__(self, image: torch.Tensor, goal: int, gradient_source: GradientSource, oracle: BudgetedOracle,
-                 options: SearchOptions, whitebox: bool):
+                 options: SearchOptions, whitebox: bool) -> None:
         self.image = image
         self.goal = goal
         self.gradient_source = gradient_source
         self.oracle = oracle
         self.options = options
         self.whitebox = whitebox
-        self.trace: list[dict] = []
+        self.trace: list[dict[str, Any]] = []
         self.epsilon: float | None = None
         self.accepted: torch.Tensor | None = None
         self.failure_reason: str | None = None
@@ -239,7 +241,7 @@ class Search:
         """The image the oracle will see: clipped to [0, 1] and rounded to 8 bits."""
         return quantise(candidate)
 
-    def query(self, candidate: torch.Tensor, **note) -> bool:
+    def query(self, candidate: torch.Tensor, **note: Any) -> bool:
         """Ask the oracle about one candidate (rounded to 8 bits first); True when it answers `goal`."""
         candidate = self.snap(candidate)
         prediction = self.oracle.predict(candidate)
@@ -270,7 +272,7 @@ class Method:
         classes = tuple(getattr(oracle, "classes", ()) or getattr(gradient_source, "classes", ()))
 
         first = budget.predict(original)
-        trace: list[dict] = [{"query": 1, "prediction": first, "step": "original"}]
+        trace: list[dict[str, Any]] = [{"query": 1, "prediction": first, "step": "original"}]
         accepted, failure, epsilon, final = None, None, None, first
         if first != target:
             s = Search(original, target, gradient_source, budget, options, whitebox)

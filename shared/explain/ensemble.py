@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.protocols import GradientSource
+from advexplain.shared.protocols import DifferentiableClassifier, GradientSource
+
+
+class Member(DifferentiableClassifier, GradientSource, Protocol):
+    """One model of an ensemble: both objectives, and logits for the averaged prediction."""
 
 
 class EnsembleSurrogate:
@@ -24,7 +29,7 @@ class EnsembleSurrogate:
     >>> explain(x, label, ens, black_box)                                              # doctest: +SKIP
     """
 
-    def __init__(self, members: Sequence[GradientSource]):
+    def __init__(self, members: Sequence[Member]) -> None:
         members = list(members)
         if not members:
             raise InvalidInput("an ensemble needs at least one member")

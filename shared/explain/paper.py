@@ -13,8 +13,16 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from advexplain.shared.explain.base import (FAILED_ALPHA, FAILED_MAX_LINF, Method, Search, SearchOptions,
-                                            linf_levels, max_levels, value_and_grad)
+from advexplain.shared.explain.base import (
+    FAILED_ALPHA,
+    FAILED_MAX_LINF,
+    Method,
+    Search,
+    SearchOptions,
+    linf_levels,
+    max_levels,
+    value_and_grad,
+)
 
 EPSILON_STEP = 0.1
 # The paper does not publish alpha. With failures costing alpha/0.1 - 1 queries, its black-box
@@ -57,9 +65,11 @@ class PaperLineSearch(Method):
         # The paper recomputes the gradient inside the loop, but always at the original image, so
         # it is the same vector every time: compute it once. Towards a target class other than the
         # true label, the loss is the target's (the step descends it).
+        options = s.options
+        assert isinstance(options, PaperOptions)  # explain() builds each method's own options_type
         _, gradient = value_and_grad(lambda x: s.gradient_source.loss(x, s.goal), s.image.unsqueeze(0))
         gradient = gradient[0]
-        for eps in epsilon_schedule(s.options.alpha):
+        for eps in epsilon_schedule(options.alpha):
             candidate = s.snap(s.image - eps * gradient)
             if linf_levels(candidate, s.image) > max_levels(s.options.max_linf):
                 # Every later candidate moves further along the same ray: none can be within max_linf.

@@ -363,9 +363,24 @@ def test_serve_flags_reach_the_settings(tiny_models):
     from advexplain.cli import build_parser
     from advexplain.commands.serve import _settings_or_exit
 
-    args = build_parser().parse_args(["--threads", "2", "serve", "explainer", "--surrogate", str(tiny_models["surrogate"]),
-                                      "--workers", "2", "--max-concurrency", "3", "--max-queue", "5",
-                                      "--max-queue-wait", "1.5"])
+    args = build_parser().parse_args(
+        [
+            "--threads",
+            "2",
+            "serve",
+            "explainer",
+            "--surrogate",
+            str(tiny_models["surrogate"]),
+            "--workers",
+            "2",
+            "--max-concurrency",
+            "3",
+            "--max-queue",
+            "5",
+            "--max-queue-wait",
+            "1.5",
+        ]
+    )
     s = _settings_or_exit(ExplainerSettings, {n: getattr(args, n, None) for n in ExplainerSettings.model_fields})
     assert (s.workers, s.max_concurrency, s.max_queue, s.max_queue_wait, s.threads) == (2, 3, 5, 1.5, 2)
     args = build_parser().parse_args(["serve", "blackbox", "--model", str(tiny_models["blackbox"]), "--max-queue", "0",

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from advexplain.services.blackbox.app import create_app
 from advexplain.services.blackbox.settings import BlackboxSettings
-from advexplain.shared.images import decode_image
 from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.images import decode_image
 
 CLASSES = ["defective", "functional"]
 
@@ -46,7 +46,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def files(*blobs: bytes, field: str = "image") -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -164,7 +166,10 @@ def test_gif_uses_its_first_frame(client):
 
 def test_label_only_mode_reveals_no_probabilities(make_settings):
     blobs = [encode(noise_image(s)) for s in range(4)] + [encode(Image.new("RGB", (32, 32), "white"))]
-    with TestClient(create_app(make_settings())) as proba, TestClient(create_app(make_settings(output="label"))) as label:
+    with (
+        TestClient(create_app(make_settings())) as proba,
+        TestClient(create_app(make_settings(output="label"))) as label,
+    ):
         full = proba.post("/predict", files=files(*blobs)).json()["predictions"]
         resp = label.post("/predict", files=files(*blobs))
         assert label.get("/healthz").json()["output"] == "label"
@@ -177,7 +182,10 @@ def test_label_only_mode_reveals_no_probabilities(make_settings):
 
 def test_client_ids_are_counted_separately_and_validated(client):
     blob = encode(noise_image(4))
-    assert client.post("/predict", files=files(blob, blob), headers={"X-Client-Id": "alice"}).headers["X-Query-Count"] == "2"
+    assert (
+        client.post("/predict", files=files(blob, blob), headers={"X-Client-Id": "alice"}).headers["X-Query-Count"]
+        == "2"
+    )
     assert client.post("/predict", files=files(blob)).headers["X-Query-Count"] == "1"
     assert client.post("/predict", files=files(blob), headers={"X-Client-Id": "alice"}).headers["X-Query-Count"] == "3"
     assert_error(client.post("/predict", files=files(blob), headers={"X-Client-Id": "has space"}), 400, "invalid_input")
@@ -340,7 +348,9 @@ def test_counter_is_exact_under_200_concurrent_requests(make_settings):
         assert len(set(seen)) == len(seen) and seen[-1] == want[name]
         assert sum(r.json()["queries"] for c, _, r in results if c == name) == want[name]
     samples = metric_samples(metrics)
-    assert {s.labels["client"]: s.value for s in samples["blackbox_queries_total"]} == {k: float(v) for k, v in want.items()}
+    assert {s.labels["client"]: s.value for s in samples["blackbox_queries_total"]} == {
+        k: float(v) for k, v in want.items()
+    }
     assert samples["blackbox_queries_all_total"][0].value == sum(want.values())
 
 
@@ -373,7 +383,9 @@ def test_metrics_parse_and_cover_queries_latency_and_errors(client):
     assert families["blackbox_queries"].type == "counter"
     assert families["blackbox_request_duration_seconds"].type == "histogram"
     samples = metric_samples(resp.text)
-    counts = {(s.labels["route"], s.labels["status"]): s.value for s in samples["blackbox_request_duration_seconds_count"]}
+    counts = {
+        (s.labels["route"], s.labels["status"]): s.value for s in samples["blackbox_request_duration_seconds_count"]
+    }
     assert counts[("/predict", "200")] == 1 and counts[("/predict", "415")] == 1
     assert {s.labels["client"]: s.value for s in samples["blackbox_queries_total"]} == {"m": 1.0}
     assert [(s.labels["code"], s.value) for s in samples["blackbox_errors_total"]] == [("unsupported_media_type", 1.0)]

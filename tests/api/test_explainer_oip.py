@@ -125,7 +125,9 @@ def test_an_oip_url_makes_the_explainer_speak_oip(explainer, server, mistakes):
             successes += 1
             check = OipClassifier(MODEL_URL, CLASSES, client_id=CLIENT,
                                   client=httpx.Client(transport=httpx.MockTransport(server)))
-            assert CLASSES[int(check.predict_proba(decode_photo(adversarial, 10**8).image.unsqueeze(0)).argmax())] == label
+            assert (
+                CLASSES[int(check.predict_proba(decode_photo(adversarial, 10**8).image.unsqueeze(0)).argmax())] == label
+            )
     assert successes >= 1
     # Only the OIP routes were used, and every image went as a tensor at the model's size.
     assert not any(path in ("/predict", "/healthz") for path in server.paths)

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -55,7 +55,9 @@ def explainer_schema(box_transport, tiny_models):
     return schemathesis.openapi.from_asgi("/openapi.json", create_explainer(settings_, blackbox_client=box_transport))
 
 
-def run_operation(schema, path: str, method: str, mode: GenerationMode, headers: dict[str, str] | None = None) -> Counter:
+def run_operation(
+    schema, path: str, method: str, mode: GenerationMode, headers: dict[str, str] | None = None
+) -> Counter:
     """Bounded generated cases for one operation, each sent in-process and checked; the statuses seen.
 
     Positive cases follow the schema; negative ones break it on purpose (wrong types, missing fields)."""

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from advexplain.services.blackbox.app import create_app as create_blackbox
@@ -85,15 +86,27 @@ def test_whitebox_route_needs_exactly_the_token(explainer, box, headers, status)
     before = box.app.state.blackbox.counter.total
     resp = explainer.post(ROUTE, headers=headers, **form())
     assert resp.status_code == status, resp.text
-    assert set(resp.json()) == {"error"} and resp.json()["error"]["code"] == ("unauthorized" if status == 401 else "forbidden")
+    assert set(resp.json()) == {"error"} and resp.json()["error"]["code"] == (
+        "unauthorized" if status == 401 else "forbidden"
+    )
     if status == 401:
         assert resp.headers["WWW-Authenticate"] == "Bearer"
     assert TOKEN not in resp.text and TOKEN not in str(resp.headers)
     assert box.app.state.blackbox.counter.total == before
 
 
-@pytest.mark.parametrize("path", [ROUTE, ROUTE + "/", "/internal/whitebox/", "/internal/", "/%69nternal/whitebox/explain",
-                                  "//internal/whitebox/explain", "/INTERNAL/whitebox/explain"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ROUTE,
+        ROUTE + "/",
+        "/internal/whitebox/",
+        "/internal/",
+        "/%69nternal/whitebox/explain",
+        "//internal/whitebox/explain",
+        "/INTERNAL/whitebox/explain",
+    ],
+)
 def test_no_path_spelling_reaches_the_whitebox_without_the_token(explainer, path):
     resp = explainer.post(path, params={"token": TOKEN}, **form())
     assert resp.status_code in (401, 404, 405), (path, resp.status_code, resp.text)
@@ -238,7 +251,9 @@ def test_a_folder_with_only_pickled_weights_is_not_a_checkpoint(tiny_models, tmp
 
 
 def test_no_code_path_unpickles():
-    pattern = re.compile(r"\btorch\.load\(|\bpickle\.loads?\(|\bjoblib\.load\(|\bdill\.|\bcloudpickle\b|weights_only\s*=\s*False")
+    pattern = re.compile(
+        r"\btorch\.load\(|\bpickle\.loads?\(|\bjoblib\.load\(|\bdill\.|\bcloudpickle\b|weights_only\s*=\s*False"
+    )
     offenders = []
     for folder in ("shared", "services"):
         for path in (ROOT / folder).rglob("*.py"):

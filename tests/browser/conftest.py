@@ -11,9 +11,10 @@ import secrets
 
 import pytest
 
-from advexplain.launch import ServiceProcess
 # pytest puts tests/browser on sys.path (no __init__.py), so the helpers import by their own name.
 from page_browser import CHROMIUM, DESKTOP, explained_case, launch_chromium, misclassified_pngs
+
+from advexplain.launch import ServiceProcess
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

@@ -11,7 +11,6 @@ import base64
 import json
 
 import pytest
-
 from page_browser import DESKTOP, PHONE
 
 try:
@@ -200,7 +199,7 @@ def test_advanced_fields_are_sent_only_when_filled_and_max_linf_in_pixel_units(o
     page.fill("#refine", "2")
     page.fill("#tau", " ")  # blank is not filled in
     page.select_option("#target", images["label"])
-    with page.expect_response(is_explain, timeout=ANSWER) as answered:
+    with page.expect_response(is_explain, timeout=ANSWER):
         page.click("#submit")
     sent = last_form(page)
     assert set(sent) == {"image", "label", "method", "max_linf", "refine", "target"}

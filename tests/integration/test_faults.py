@@ -34,7 +34,9 @@ def pngs(count: int) -> list[bytes]:
     return out
 
 
-def explain(url: str, png: bytes, timeout: float = 30.0, path: str = "/explain", headers=None, **fields) -> httpx.Response:
+def explain(
+    url: str, png: bytes, timeout: float = 30.0, path: str = "/explain", headers=None, **fields
+) -> httpx.Response:
     return httpx.post(f"{url}{path}", files={"image": ("x.png", png, "image/png")},
                       data={"label": "defective", "max_queries": "8", **fields}, headers=headers, timeout=timeout)
 
@@ -137,7 +139,9 @@ def test_black_box_killed_and_restarted_under_load(service_factory, tiny_models)
     statuses = [status for _, status, _ in results]
     assert len(results) == 16 and -1 not in statuses, results
     assert set(statuses) <= {200, 502, 503, 504}, results
-    assert all(code in ("", "blackbox_unavailable", "blackbox_timeout", "blackbox_bad_response") for _, _, code in results)
+    assert all(
+        code in ("", "blackbox_unavailable", "blackbox_timeout", "blackbox_bad_response") for _, _, code in results
+    )
     assert statuses.count(200) >= 2
     # Recovered, without a restart of its own; and counting is exact again against the new box.
     assert explainer.proc.poll() is None and explainer.proc.pid == explainer_pid
@@ -164,7 +168,7 @@ def raw_request(port: int, request: bytes, timeout: float = 10.0) -> bytes:
         try:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     return b"".join(chunks)
 
@@ -212,7 +216,9 @@ def test_protocol_level_hostility_and_the_token_stays_out_of_the_logs(service_fa
     assert explain(explainer.url, png, path="/internal/whitebox/explain", headers=auth, tau="nan").status_code == 422
     assert explain(explainer.url, png, path="/internal/whitebox/explain", headers=auth, label="x").status_code == 400
     for wrong in (token[:-1], token + "A", token.upper()):
-        resp = explain(explainer.url, png, path="/internal/whitebox/explain", headers={"Authorization": f"Bearer {wrong}"})
+        resp = explain(
+            explainer.url, png, path="/internal/whitebox/explain", headers={"Authorization": f"Bearer {wrong}"}
+        )
         assert resp.status_code == 403
     assert httpx.get(f"{explainer.url}/healthz", timeout=10).status_code == 200
     assert explainer.stop() == 0 and box.stop() == 0

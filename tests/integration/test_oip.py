@@ -25,7 +25,13 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 
 # pytest puts tests/integration on sys.path (no __init__.py), so the helpers import by their own name.
 from oip_servers import (  # noqa: E402,F401  (fixtures)
-    OipBlackbox, OnnxOipBox, nhwc_onnx_model, oip_blackbox, oip_blackbox_label, onnx_oip_box, start,
+    OipBlackbox,
+    OnnxOipBox,
+    nhwc_onnx_model,
+    oip_blackbox,
+    oip_blackbox_label,
+    onnx_oip_box,
+    start,
 )
 
 pytestmark = pytest.mark.integration
@@ -124,7 +130,9 @@ def test_onnx_nhwc_uint8_model_answers_like_the_local_network(onnx_oip_box, loca
     with OipClassifier(onnx_oip_box.model_url, local.classes, client_id="onnx") as box:
         assert box.ready() == (True, "ready")
         size = local.image_size
-        assert box.input == OipInput(name="pixels", datatype="UINT8", layout="NHWC", channels=3, height=size, width=size)
+        assert box.input == OipInput(
+            name="pixels", datatype="UINT8", layout="NHWC", channels=3, height=size, width=size
+        )
         before = onnx_oip_box.counted()
         square = images(4, size, size, seed=4)
         photo = images(3, 50, 37, seed=5)

@@ -136,7 +136,9 @@ def test_evaluate_through_the_server_counts_screening_and_explanations(oip_black
     assert len(lines) == 2 and all(line["size"] == [300, 300] for line in lines)  # photos at their own size
     assert metrics["screening_queries"] == 525  # every validation photo, once, to find the mistakes
     assert metrics["oracle"] == oip_blackbox_label.model_url
-    assert oip_blackbox_label.counted(client) - before == metrics["screening_queries"] + sum(l["queries"] for l in lines)
+    assert oip_blackbox_label.counted(client) - before == metrics["screening_queries"] + sum(
+        line["queries"] for line in lines
+    )
 
 
 def test_oip_flags_with_a_predict_url_are_refused_before_any_query(tiny_models, tmp_path):

@@ -118,10 +118,38 @@ def test_distillation_and_evaluate_need_only_predict(box, tiny_models, tmp_path)
     env = {"PYTHONPATH": str(ROOT), "ADVEXPLAIN_THREADS": "1"}
     before = box.counted()
     out = tmp_path / "distilled"
-    done = subprocess.run([sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv",
-                           "--epochs", "8", "--batch-size", "8", "--image-size", "32", "--width", "0.0625", "--distill-from", box.url,
-                           "--distill-budget", "150", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, env={**__import__("os").environ, **env}, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "advexplain",
+            "--threads",
+            "1",
+            "train",
+            "surrogate",
+            "--data",
+            "elpv",
+            "--epochs",
+            "8",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+            "--width",
+            "0.0625",
+            "--distill-from",
+            box.url,
+            "--distill-budget",
+            "150",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **env},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     distillation = json.loads((out / "config.json").read_text())["distillation"]
     assert distillation["queries"] == 150 == box.counted() - before

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.common import (auc, blend_curve_inputs, gaussian_blur, rank_order, spearman,  # noqa: E402
-                    topk_iou, topk_mask)
+from bench.common import auc, blend_curve_inputs, gaussian_blur, rank_order, spearman, topk_iou, topk_mask  # noqa: E402
 from bench.peers_attacks import CountingNetwork  # noqa: E402
 
 FRACTIONS = [i / 16 for i in range(17)]

@@ -15,8 +15,15 @@ from advexplain.services.explainer.settings import ExplainerSettings
 from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from advexplain.shared.oip import OipClassifier
 from advexplain.shared.protocols import Classifier
-from advexplain.shared.remote import (NO_HEALTH_ENDPOINT, NOT_READY, READY, UNREACHABLE, RemoteBlackBox,
-                                      RemoteClassifier, connect_black_box)
+from advexplain.shared.remote import (
+    NO_HEALTH_ENDPOINT,
+    NOT_READY,
+    READY,
+    UNREACHABLE,
+    RemoteBlackBox,
+    RemoteClassifier,
+    connect_black_box,
+)
 
 CLASSES = ("defective", "functional")
 OIP = "http://box:8080/v2/models/m"
@@ -155,7 +162,9 @@ def test_ready_is_health_as_a_yes_or_no():
 
 
 def test_predict_health_states_are_the_same_constants():
-    assert connect_black_box("http://box:8000", CLASSES, client=mock(predict_server())).health()[0] == NO_HEALTH_ENDPOINT
+    assert (
+        connect_black_box("http://box:8000", CLASSES, client=mock(predict_server())).health()[0] == NO_HEALTH_ENDPOINT
+    )
 
 
 # -- explainer settings ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from advexplain.shared.checkpoints import load_checkpoint, read_meta, save_checkpoint, TrainingRecord
+from advexplain.shared.checkpoints import TrainingRecord, load_checkpoint, read_meta, save_checkpoint
 from advexplain.shared.errors import CheckpointError
 from advexplain.shared.models import ModelConfig, PaperCNN
 

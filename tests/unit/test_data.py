@@ -122,7 +122,12 @@ def test_elpv_default_is_deterministic_and_stratified():
         load_elpv("test", 32)
 
 
-ELPV4_COUNTS = {"p0-functional": 1508, "p33-possibly-defective": 295, "p67-likely-defective": 106, "p100-defective": 715}
+ELPV4_COUNTS = {
+    "p0-functional": 1508,
+    "p33-possibly-defective": 295,
+    "p67-likely-defective": 106,
+    "p100-defective": 715,
+}
 
 
 def test_elpv4_is_stratified_deterministic_and_named():

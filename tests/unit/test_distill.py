@@ -94,10 +94,36 @@ def test_soft_and_hard_targets_both_train(label_only):
 def test_cli_records_distillation(tiny_models, tmp_path: Path):
     out = tmp_path / "distilled"
     proc = subprocess.run(
-        [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv",
-         "--epochs", "8", "--batch-size", "8", "--image-size", "32", "--width", "0.0625", "--distill-from", str(tiny_models["blackbox"]),
-         "--distill-budget", "150", "--distill-label-only", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "advexplain",
+            "--threads",
+            "1",
+            "train",
+            "surrogate",
+            "--data",
+            "elpv",
+            "--epochs",
+            "8",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+            "--width",
+            "0.0625",
+            "--distill-from",
+            str(tiny_models["blackbox"]),
+            "--distill-budget",
+            "150",
+            "--distill-label-only",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "config.json").read_text())

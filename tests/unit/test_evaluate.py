@@ -50,9 +50,30 @@ def test_ensemble_and_distillation_queries_are_reported(tiny_models, tmp_path):
     meta["distillation"] = {"source": "checkpoint:test", "queries": 150, "budget": 150, "targets": "hard"}
     (distilled / "config.json").write_text(json.dumps(meta))
     out = tmp_path / "ens"
-    rc = main(["--threads", "1", "evaluate", "--data", "elpv", "--split", "validation", "--blackbox",
-               str(tiny_models["blackbox"]), "--surrogate", str(tiny_models["surrogate"]), "--surrogate", str(distilled),
-               "--mode", "blackbox", "--limit", "3", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "--threads",
+            "1",
+            "evaluate",
+            "--data",
+            "elpv",
+            "--split",
+            "validation",
+            "--blackbox",
+            str(tiny_models["blackbox"]),
+            "--surrogate",
+            str(tiny_models["surrogate"]),
+            "--surrogate",
+            str(distilled),
+            "--mode",
+            "blackbox",
+            "--limit",
+            "3",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert "(ensemble)" in metrics["gradient_source"]

@@ -26,7 +26,9 @@ oip_server = pytest.importorskip("advexplain.services.blackbox.oip", reason="the
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kserve"
 KUBERNETES = "1.32"  # the schemas' Kubernetes version: KServe 0.21 supports recent releases
-DOCS = [(path.name, doc) for path in sorted(DEPLOY.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+DOCS = [
+    (path.name, doc) for path in sorted(DEPLOY.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc
+]
 NAMESPACE = "advexplain"
 
 

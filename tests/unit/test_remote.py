@@ -15,8 +15,8 @@ from advexplain.services.blackbox.app import create_app
 from advexplain.services.blackbox.settings import BlackboxSettings
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from advexplain.shared.protocols import Classifier
 from advexplain.shared.pixels import encode_png
+from advexplain.shared.protocols import Classifier
 from advexplain.shared.remote import NO_HEALTH_ENDPOINT, NOT_READY, READY, UNREACHABLE, RemoteClassifier
 
 CLASSES = ("defective", "functional")
@@ -110,9 +110,10 @@ def test_grey_images_and_bad_shapes(box, reference):
 
 
 def test_png_encoding_is_lossless_at_8_bits():
-    from PIL import Image
     import io
+
     import numpy as np
+    from PIL import Image
 
     x = batch(1, seed=4)[0]
     decoded = torch.from_numpy(np.array(Image.open(io.BytesIO(encode_png(x))))).permute(2, 0, 1).float() / 255
@@ -198,8 +199,9 @@ def test_a_label_outside_the_classes_is_a_clear_bad_response():
 
 
 def test_files_are_sent_as_they_are(box, reference):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (50, 30), (200, 10, 10)).save(buf, format="JPEG")

@@ -13,7 +13,6 @@ from advexplain.shared.pixels import quantise
 from advexplain.shared.render import render_explanation
 from advexplain.shared.saliency import saliency_map
 
-
 H, W = 16, 24  # a non-square photo: every picture but the panel comes back at its size
 
 
@@ -66,8 +65,12 @@ def test_a_failure_draws_a_black_map_the_unchanged_photo_and_a_different_panel()
     pngs = render_explanation(failed, None)
     assert not decode(pngs["saliency"]).any(), "no change, no saliency"
     assert np.array_equal(decode(pngs["overlay"]), decode(pngs["adversarial"]))
-    assert np.array_equal(decode(pngs["adversarial"]), (failed.original * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    assert not np.array_equal(decode(pngs["panel"]), decode(render_explanation(found, saliency_map(found.perturbation))["panel"]))
+    assert np.array_equal(
+        decode(pngs["adversarial"]), (failed.original * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    )
+    assert not np.array_equal(
+        decode(pngs["panel"]), decode(render_explanation(found, saliency_map(found.perturbation))["panel"])
+    )
 
 
 def test_the_panel_keeps_the_photos_aspect_ratio():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import pytest
@@ -191,6 +191,8 @@ def test_cli_trains_elpv4_and_reports_per_class_accuracy(tmp_path: Path):
     assert metrics["val_balanced_accuracy"] == pytest.approx(sum(per_class.values()) / 4, abs=1e-5)
     assert meta["training"]["history"][-1]["val_class_accuracy"] == per_class
     counts = (302, 59, 21, 143)
-    assert metrics["val_accuracy"] == pytest.approx(sum(a * n for a, n in zip(per_class.values(), counts)) / 525, abs=1e-5)
+    assert metrics["val_accuracy"] == pytest.approx(
+        sum(a * n for a, n in zip(per_class.values(), counts)) / 525, abs=1e-5
+    )
     printed = ", ".join(f"{name} {per_class[name]:.4f} ({n})" for name, n in zip(ELPV4_CLASSES, counts))
     assert printed in proc.stdout, proc.stdout
