@@ -16,5 +16,6 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def families(text: str) -> set[str]:
-    """The names of the sample series the text carries (e.g. `blackbox_queries_all_total`)."""
-    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    """The metric families the text declares, samples or not yet (a labelled histogram has none until
+    it is observed). Counters are named without `_total`, as the parser names them."""
+    return {family.name for family in text_string_to_metric_families(text)}
