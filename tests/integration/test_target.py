@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from advexplain.shared.data import ELPV4, load_images
+from tests.metrics import metric
 from tests.tiny_elpv4 import tiny4_models
 
 pytestmark = pytest.mark.integration
@@ -58,10 +59,7 @@ def validation_pngs(count: int) -> tuple[list[bytes], list[str], tuple[str, ...]
 
 def blackbox_total(blackbox_url: str, client: str) -> int:
     """The black box's own counter for one client, read from /metrics."""
-    for line in httpx.get(f"{blackbox_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("blackbox_queries_total{") and f'client="{client}"' in line:
-            return int(float(line.rsplit(" ", 1)[1]))
-    return 0
+    return int(metric(httpx.get(f"{blackbox_url}/metrics", timeout=5).text, "blackbox_queries_total", client=client))
 
 
 def box_says(blackbox_url: str, pngs: list[bytes]) -> list[str]:
