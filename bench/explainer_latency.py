@@ -34,6 +34,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from advexplain.launch import ServiceProcess  # noqa: E402
+from advexplain.shared import evaluation  # noqa: E402
 from advexplain.shared.checkpoints import load_checkpoint  # noqa: E402
 from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
 from advexplain.shared.data import load_images  # noqa: E402
@@ -54,12 +55,10 @@ def png(x: torch.Tensor) -> bytes:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+    """q in [0, 1]: numpy's percentile (linear interpolation), the one definition every bench uses."""
+    value = evaluation.percentile(values, 100 * q)
+    assert value is not None, "no latencies to summarise"
+    return value
 
 
 def summary(seconds: list[float]) -> dict:

@@ -52,6 +52,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from advexplain.launch import ServiceProcess, process_tree  # noqa: E402
+from advexplain.shared import evaluation  # noqa: E402
 from advexplain.shared.data import load_photos  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -156,10 +157,10 @@ def checkout_state() -> dict:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    """q in [0, 1]: numpy's percentile (linear interpolation), as every bench reports it; None when empty.
+    (Runs committed before this definition used the nearest rank; at hundreds of samples the two differ
+    by less than one sample's spacing.)"""
+    return evaluation.percentile(values, 100 * q)
 
 
 async def run_clients(url: str, samples: list[tuple[bytes, str]], clients: int, per_client: int, max_queries: int,

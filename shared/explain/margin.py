@@ -42,8 +42,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from advexplain.shared.explain.base import (FAILED_MAX_LINF, FAILED_NO_GRADIENT, Method, Search, SearchOptions,
-                                            max_levels)
+from advexplain.shared.explain.base import (
+    FAILED_MAX_LINF,
+    FAILED_NO_GRADIENT,
+    Method,
+    Search,
+    SearchOptions,
+    max_levels,
+)
 from advexplain.shared.pixels import QUANTUM
 
 # Logit margin the surrogate must give the goal before a black-box query (tuned on training images).
@@ -81,7 +87,7 @@ class MarginOptions(SearchOptions):
     overshoot: float = Field(0.02, ge=0, le=10, allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _views(self) -> "MarginOptions":
+    def _views(self) -> MarginOptions:
         low, high = self.view_sizes
         if not 8 <= low <= high <= 4096:
             raise ValueError(f"view_sizes must be two sizes 8 <= low <= high, got {self.view_sizes}")
@@ -134,7 +140,9 @@ class MarginSearch(Method):
         scale = grid / max(h, w)
         return (c, max(2, round(h * scale)), max(2, round(w * scale)))
 
-    def _walk(self, s: Search, z: torch.Tensor, eps: float, target: float, views: "Views | None"):
+    def _walk(
+        self, s: Search, z: torch.Tensor, eps: float, target: float, views: Views | None
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None, int]:
         """Free DeepFool steps on z (the change on its grid) inside |change| <= eps until the 8-bit
         candidate has margin >= target. Returns (z, candidate, margin at the candidate or None when
         there is no gradient, steps taken)."""
@@ -170,7 +178,7 @@ class MarginSearch(Method):
             z = (z + direction).clamp(-eps, eps)
         return z, candidate, value, o.max_steps
 
-    def _margin_and_grad(self, s: Search, z: torch.Tensor, views: "Views | None") -> tuple[float, torch.Tensor]:
+    def _margin_and_grad(self, s: Search, z: torch.Tensor, views: Views | None) -> tuple[float, torch.Tensor]:
         """Mean margin of the goal over the views of the 8-bit candidate image + upsample(z), and
         its gradient with respect to z (straight through the rounding)."""
         h, w = s.image.shape[-2:]
