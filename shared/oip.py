@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from advexplain.shared.errors import InvalidInput, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from advexplain.shared.remote import NOT_READY, READY, UNREACHABLE
+from advexplain.shared.errors import UpstreamBadResponse
+from advexplain.shared.remote import NOT_READY, READY, UNREACHABLE, HttpBlackBox
 from advexplain.shared.wire import CLIENT_ID_HEADER
 
 DEFAULT_TIMEOUT = 30.0
@@ -188,7 +187,7 @@ class InferenceResponse(BaseModel):
     outputs: list[OutputTensor] = Field(min_length=1)
 
 
-class OipClassifier:
+class OipClassifier(HttpBlackBox):
     """A black box reached over the Open Inference Protocol v2: `predict_proba` sends JSON tensors.
 
     Each image is rounded to 8 bits first (the box sees what an image file would hold), then
@@ -218,6 +217,8 @@ class OipClassifier:
     torch.Size([2, 2])
     """
 
+    kind = "an OIP classifier"
+
     def __init__(
         self,
         url: str,
@@ -234,13 +235,6 @@ class OipClassifier:
         std: Sequence[float] | None = None,
     ) -> None:
         self.endpoint = OipEndpoint.parse(url)
-        classes = tuple(classes)
-        if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
-            raise InvalidInput(f"an OIP classifier needs at least two distinct class names, got {classes!r}")
-        if connect_retries < 0:
-            raise ValueError("connect_retries must be >= 0")
-        if not (timeout > 0 and connect_timeout > 0):
-            raise ValueError("timeouts must be > 0")
         if max_images < 1:
             raise ValueError("max_images must be >= 1")
         if pixel_scale not in (1.0, 255.0):
@@ -255,21 +249,11 @@ class OipClassifier:
                 raise ValueError(f"mean and std need 1 or 3 values each, got {len(mean)} and {len(std)}")
             if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
                 raise ValueError("mean must be finite and std finite and > 0")
-        self.classes = classes
-        self.client_id = client_id
+        super().__init__(self.endpoint.model_url, classes, client=client, client_id=client_id, timeout=timeout,
+                         connect_timeout=connect_timeout, connect_retries=connect_retries)
         self.max_images = max_images
         self.pixel_scale = float(pixel_scale)
         self.mean, self.std = mean, std
-        self._owns_client = client is None
-        if client is None:
-            client = httpx.Client(
-                transport=httpx.HTTPTransport(retries=connect_retries),
-                timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
-            )
-        self._client = client
-        self._lock = threading.Lock()
-        self._queries = 0
-        self._last_query_count: int | None = None
         self._input: OipInput | None = None
 
     @property
@@ -315,7 +299,7 @@ class OipClassifier:
         with self._lock:
             if self._input is not None:
                 return self._input
-        resp = self._request("GET", self.endpoint.model_url)
+        resp = self._send("GET", self.endpoint.model_url)
         try:
             metadata = ModelMetadata.model_validate(self._json(resp))
         except ValidationError as exc:
@@ -340,16 +324,6 @@ class OipClassifier:
             self._input = spec
         return spec
 
-    @property
-    def queries(self) -> int:
-        """Images this object sent that the server classified."""
-        return self._queries
-
-    @property
-    def last_query_count(self) -> int | None:
-        """The server's running total for `client_id` after the latest answer (X-Query-Count), if it sends one."""
-        return self._last_query_count
-
     # ------------------------------------------------------------ classification
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -357,8 +331,7 @@ class OipClassifier:
 
         One-hot rows when the model answers class indices. Counts N queries; x is not modified.
         """
-        if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
-            raise InvalidInput(f"expected a non-empty image batch (N, 1|3, H, W), got shape {tuple(x.shape)}")
+        self._check_batch(x)
         spec = self.input
         chunk = spec.batch if spec.batch is not None else self.max_images
         rows = [self._infer(self._pixels(x[i:i + chunk], spec), spec) for i in range(0, x.shape[0], chunk)]
@@ -399,14 +372,10 @@ class OipClassifier:
         tensor = {"name": spec.name, "shape": spec.shape_for(n, int(height), int(width)), "datatype": spec.datatype,
                   "data": pixels.ravel().tolist()}
         headers = {CLIENT_ID_HEADER: self.client_id} if self.client_id else None
-        resp = self._request("POST", f"{self.endpoint.model_url}/infer",
+        resp = self._send("POST", f"{self.endpoint.model_url}/infer",
                              json={"id": uuid.uuid4().hex, "inputs": [tensor]}, headers=headers)
         probs = self._parse_output(self._json(resp), n, spec.batched)
-        with self._lock:
-            self._queries += n
-            header = resp.headers.get("X-Query-Count")
-            if header is not None and header.isdigit():
-                self._last_query_count = int(header)
+        self._counted(resp, n)
         return probs
 
     def _parse_output(self, body: Any, n: int, batched: bool = True) -> torch.Tensor:
@@ -447,49 +416,12 @@ class OipClassifier:
 
     # ------------------------------------------------------------ transport
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
-            resp = self._client.request(method, url, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"the black box at {self.url} did not answer in time ({type(exc).__name__})") from exc
-        except httpx.NetworkError as exc:
-            raise UpstreamUnavailable(f"cannot reach the black box at {self.url}: {type(exc).__name__}") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamBadResponse(f"broken answer from the black box at {self.url}: {type(exc).__name__}") from exc
-        if resp.status_code == 503:
-            raise UpstreamUnavailable(f"the black box at {self.url} is not ready (503): {_error_text(resp)}")
-        if not resp.is_success:
-            raise UpstreamBadResponse(f"{url} answered {resp.status_code}: {_error_text(resp)}")
-        return resp
-
     def _json(self, resp: httpx.Response) -> Any:
         try:
             return resp.json()
         except ValueError as exc:
             raise UpstreamBadResponse(f"{resp.request.url} answered {resp.status_code} with a body that is not JSON: "
                                       f"{resp.text[:100]!r}") from exc
-
-    def close(self) -> None:
-        """Close the HTTP client if this object built it (an injected client belongs to its owner)."""
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> OipClassifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _error_text(resp: httpx.Response) -> str:
-    """The server's own error message (OIP: {"error": "..."}), shortened; never headers."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return repr(resp.text[:200])
-    if isinstance(body, dict) and isinstance(error := body.get("error"), str):
-        return error[:200]
-    return str(body)[:200]
 
 
 def _first_error(exc: ValidationError) -> str:

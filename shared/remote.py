@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 import httpx
 import torch
@@ -94,7 +94,109 @@ def connect_black_box(
                             connect_retries=connect_retries, max_images=max_images)
 
 
-class RemoteClassifier:
+class HttpBlackBox:
+    """What every black box over HTTP shares (`RemoteClassifier`: POST /predict; `OipClassifier`: the
+    Open Inference Protocol): the class names, a pooled or own httpx client, the count of images it
+    classified (`queries`) and its own running total (`last_query_count`, from X-Query-Count), one
+    map from transport failures to typed errors, and `close()`. Thread-safe.
+
+    Errors (`_send`): connection refused/reset -> UpstreamUnavailable (also a 503 answer), timeout ->
+    UpstreamTimeout, any other non-2xx answer or a broken one -> UpstreamBadResponse. Only failed
+    connects are retried (`connect_retries`, on the transport): a request that reached the box may
+    have been counted, so it is never resent.
+    """
+
+    kind = "a remote classifier"
+
+    def __init__(self, where: str, classes: Sequence[str], *, client: httpx.Client | None, client_id: str | None,
+                 timeout: float, connect_timeout: float, connect_retries: int) -> None:
+        classes = tuple(classes)
+        if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
+            raise InvalidInput(f"{self.kind} needs at least two distinct class names, got {classes!r}")
+        if connect_retries < 0:
+            raise ValueError("connect_retries must be >= 0")
+        if not (timeout > 0 and connect_timeout > 0):
+            raise ValueError("timeouts must be > 0")
+        self.where = where  # how errors name the box
+        self.classes = classes
+        self.client_id = client_id
+        self._owns_client = client is None
+        if client is None:
+            client = httpx.Client(
+                transport=httpx.HTTPTransport(retries=connect_retries),
+                timeout=httpx.Timeout(timeout, connect=min(connect_timeout, timeout)),
+            )
+        self._client = client
+        self._lock = threading.Lock()
+        self._queries = 0
+        self._last_query_count: int | None = None
+
+    @property
+    def queries(self) -> int:
+        """Images this object sent that the box classified."""
+        return self._queries
+
+    @property
+    def last_query_count(self) -> int | None:
+        """The box's running total for `client_id` after the latest answer (X-Query-Count), if it sends one."""
+        return self._last_query_count
+
+    @staticmethod
+    def _check_batch(x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+            raise InvalidInput(f"expected a non-empty image batch (N, 1|3, H, W), got shape {tuple(x.shape)}")
+
+    def _counted(self, resp: httpx.Response, images: int) -> None:
+        """After a valid answer: `images` more queries, and the box's own total when it says it."""
+        with self._lock:
+            self._queries += images
+            header = resp.headers.get("X-Query-Count")
+            if header is not None and header.isdigit():
+                self._last_query_count = int(header)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        box = f"the black box at {self.where}"
+        try:
+            resp = self._client.request(method, url, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"{box} did not answer in time ({type(exc).__name__})") from exc
+        except httpx.NetworkError as exc:
+            raise UpstreamUnavailable(f"cannot reach {box}: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamBadResponse(f"broken answer from {box}: {type(exc).__name__}") from exc
+        if resp.status_code == 503:
+            raise UpstreamUnavailable(f"{box} is not ready (503): {error_text(resp)}")
+        if not resp.is_success:
+            raise UpstreamBadResponse(f"{url} answered {resp.status_code}: {error_text(resp)}")
+        return resp
+
+    def close(self) -> None:
+        """Close the HTTP client if this object built it (an injected client belongs to its owner)."""
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def error_text(resp: httpx.Response) -> str:
+    """The box's own error message, shortened (ours: {"error": {"message"}}; OIP: {"error": "..."}); never headers."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return repr(resp.text[:200])
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(message := error.get("message"), str):
+        return message[:200]
+    if isinstance(error, str):
+        return error[:200]
+    return str(body)[:200]
+
+
+class RemoteClassifier(HttpBlackBox):
     """A black box reached over HTTP: `predict_proba` sends images and returns what it answers.
 
     Each image travels as a lossless 8-bit PNG at its own size (so inputs are quantised to 1/255,
@@ -128,26 +230,11 @@ class RemoteClassifier:
         connect_retries: int = 2,
         max_images: int | None = None,
     ) -> None:
-        classes = tuple(classes)
-        if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
-            raise InvalidInput(f"a remote classifier needs at least two distinct class names, got {classes!r}")
-        if connect_retries < 0:
-            raise ValueError("connect_retries must be >= 0")
         if max_images is not None and max_images < 1:
             raise ValueError("max_images must be >= 1")
         self.base_url = base_url.rstrip("/")
-        self.classes = classes
-        self.client_id = client_id
-        self._owns_client = client is None
-        if client is None:
-            client = httpx.Client(
-                transport=httpx.HTTPTransport(retries=connect_retries),
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            )
-        self._client = client
-        self._lock = threading.Lock()
-        self._queries = 0
-        self._last_query_count: int | None = None
+        super().__init__(self.base_url, classes, client=client, client_id=client_id, timeout=timeout,
+                         connect_timeout=5.0, connect_retries=connect_retries)
         self._max_images = max_images
 
     # ------------------------------------------------------------ what the box says about itself
@@ -189,16 +276,6 @@ class RemoteClassifier:
             self._max_images = found
         return found
 
-    @property
-    def queries(self) -> int:
-        """Images this object sent that the box classified."""
-        return self._queries
-
-    @property
-    def last_query_count(self) -> int | None:
-        """The box's running total for `client_id` after the latest answer (X-Query-Count), if it sends one."""
-        return self._last_query_count
-
     # ------------------------------------------------------------ classification
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,8 +283,7 @@ class RemoteClassifier:
 
         One-hot rows when the box answers labels only. Counts N queries; x is not modified.
         """
-        if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
-            raise InvalidInput(f"expected a non-empty image batch (N, 1|3, H, W), got shape {tuple(x.shape)}")
+        self._check_batch(x)
         return self.predict_files([encode_png(image) for image in x])
 
     def predict_files(self, files: Sequence[bytes]) -> torch.Tensor:
@@ -219,13 +295,10 @@ class RemoteClassifier:
 
     def _predict_chunk(self, files: Sequence[bytes]) -> torch.Tensor:
         parts = [("image", (f"{i}{_extension(data)}", data, _media_type(data))) for i, data in enumerate(files)]
-        resp = self._request("POST", "/predict", files=parts, headers={CLIENT_ID_HEADER: self.client_id})
+        headers = {CLIENT_ID_HEADER: self.client_id} if self.client_id else None
+        resp = self._send("POST", f"{self.base_url}/predict", files=parts, headers=headers)
         probs = self._parse(resp, len(files))
-        with self._lock:
-            self._queries += len(files)
-            header = resp.headers.get("X-Query-Count")
-            if header is not None and header.isdigit():
-                self._last_query_count = int(header)
+        self._counted(resp, len(files))
         return probs
 
     def _parse(self, resp: httpx.Response, n: int) -> torch.Tensor:
@@ -257,37 +330,6 @@ class RemoteClassifier:
                 raise bad(f"the label {prediction.label!r} that is not its most probable class")
             out[row] = torch.tensor(values, dtype=torch.float32)
         return out
-
-    # ------------------------------------------------------------ transport
-
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        url = f"{self.base_url}{path}"
-        try:
-            resp = self._client.request(method, url, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(
-                f"the black box at {self.base_url} did not answer in time ({type(exc).__name__})"
-            ) from exc
-        except httpx.NetworkError as exc:
-            raise UpstreamUnavailable(f"cannot reach the black box at {self.base_url}: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamBadResponse(f"broken answer from the black box at {self.base_url}: {exc}") from exc
-        if resp.status_code == 503:
-            raise UpstreamUnavailable(f"the black box at {self.base_url} is not ready (503): {resp.text[:200]}")
-        if not resp.is_success:
-            raise UpstreamBadResponse(f"{url} answered {resp.status_code}: {resp.text[:200]}")
-        return resp
-
-    def close(self) -> None:
-        """Close the HTTP client if this object built it (an injected client belongs to its owner)."""
-        if self._owns_client:
-            self._client.close()
-
-    def __enter__(self) -> RemoteClassifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png", ".png"), (b"\xff\xd8\xff", "image/jpeg", ".jpg"),

@@ -147,29 +147,43 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def report_markdown(m: dict, args, meta: dict) -> str:
-    paper = PAPER[args.mode]
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-    if m["selection"] != MISTAKES:
-        return goal_report_markdown(m, args, meta)
-    lines = [
-        f"# {args.mode} explanations with `{args.method}` on {args.data} / {args.split}",
-        "",
+def fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def setting_lines(args, meta: dict) -> list[str]:
+    """What was explained with what: the oracle, the gradient source, accuracies and limits."""
+    return [
         f"Oracle: {meta['oracle']}; gradient source: {meta['gradient_source']}. Photos at their own size "
         f"(median {meta['median_size']}).",
         f"Black-box validation accuracy {fmt(meta.get('blackbox_val_accuracy'), '.4f')}; "
         f"surrogate {fmt(meta.get('surrogate_val_accuracy'), '.4f')}. max_queries {args.max_queries}, "
         f"max_linf {args.max_linf * 255:.0f}/255.",
+    ]
+
+
+def ours_row(m: dict, args, count: int) -> str:
+    return (f"| ours (`{args.method}`) | {count} | {fmt(m['success_rate'], '.2%')} | "
+            f"{fmt(m['mean_search_queries'], '.2f')} | {fmt(m['median_linf_255'], '.1f')}/255 | "
+            f"{fmt(m['p90_linf_255'], '.1f')}/255 | {fmt(m['median_rms_255'], '.2f')}/255 | "
+            f"{fmt(m['seconds_per_explanation'], '.3f')} |")
+
+
+def report_markdown(m: dict, args, meta: dict) -> str:
+    paper = PAPER[args.mode]
+    if m["selection"] != MISTAKES:
+        return goal_report_markdown(m, args, meta)
+    lines = [
+        f"# {args.mode} explanations with `{args.method}` on {args.data} / {args.split}",
+        "",
+        *setting_lines(args, meta),
         "",
         "| | misclassified | success rate | mean search queries | median L-inf | p90 L-inf | median RMS "
         "| s / explanation |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| paper ({'Alg. 1' if args.mode == 'whitebox' else 'Alg. 3'}) | {paper['misclassified']} | "
         f"{paper['success_rate']:.2%} | {paper['mean_search_queries']:.2f} | n/a | n/a | n/a | n/a |",
-        f"| ours (`{args.method}`) | {m['misclassified']} | {fmt(m['success_rate'], '.2%')} | "
-        f"{fmt(m['mean_search_queries'], '.2f')} | {fmt(m['median_linf_255'], '.1f')}/255 | "
-        f"{fmt(m['p90_linf_255'], '.1f')}/255 | {fmt(m['median_rms_255'], '.2f')}/255 | "
-        f"{fmt(m['seconds_per_explanation'], '.3f')} |",
+        ours_row(m, args, m["misclassified"]),
         "",
         "Search queries are oracle images after the first prediction (what the paper counts); "
         "mean queries including it: "
@@ -191,7 +205,6 @@ def report_markdown(m: dict, args, meta: dict) -> str:
 
 
 def by_goal_lines(m: dict) -> list[str]:
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     lines = ["## By prediction -> goal", "",
              "| box's prediction -> goal | explained | success rate | mean search queries | median L-inf | p90 L-inf |"
              " median RMS |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -204,7 +217,6 @@ def by_goal_lines(m: dict) -> list[str]:
 
 def goal_report_markdown(m: dict, args, meta: dict) -> str:
     """The report of --target and --counterfactual runs: no paper row (the paper explains mistakes only)."""
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     if m["selection"] == TARGET:
         title = f"toward `{m['target']}`"
         chosen = (f"Every photo the box does not already classify as `{m['target']}` ({m['selected']} of "
@@ -218,19 +230,12 @@ def goal_report_markdown(m: dict, args, meta: dict) -> str:
         "",
         chosen + (f" --limit {args.limit}: the first {m['explained']} of them." if args.limit is not None else ""),
         "",
-        f"Oracle: {meta['oracle']}; gradient source: {meta['gradient_source']}. Photos at their own size "
-        f"(median {meta['median_size']}).",
-        f"Black-box validation accuracy {fmt(meta.get('blackbox_val_accuracy'), '.4f')}; "
-        f"surrogate {fmt(meta.get('surrogate_val_accuracy'), '.4f')}. max_queries {args.max_queries}, "
-        f"max_linf {args.max_linf * 255:.0f}/255.",
+        *setting_lines(args, meta),
         "",
         "| | explained | success rate | mean search queries | median L-inf | p90 L-inf | median RMS "
         "| s / explanation |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| ours (`{args.method}`) | {m['explained']} | {fmt(m['success_rate'], '.2%')} | "
-        f"{fmt(m['mean_search_queries'], '.2f')} | {fmt(m['median_linf_255'], '.1f')}/255 | "
-        f"{fmt(m['p90_linf_255'], '.1f')}/255 | {fmt(m['median_rms_255'], '.2f')}/255 | "
-        f"{fmt(m['seconds_per_explanation'], '.3f')} |",
+        ours_row(m, args, m["explained"]),
         "",
         "A success is a change of at most max_linf that the oracle classifies as the goal class; norms are of the "
         "change, over successes, in 8-bit levels. Failures: "
@@ -377,7 +382,6 @@ def run(args) -> int:
         for (i, _), r in zip(goals, results):
             fh.write(json.dumps({"index": i, "path": photos.paths[i], **r.to_dict()}) + "\n")
     (out / "report.md").write_text(report_markdown(metrics, args, meta))
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     what = {MISTAKES: f"{metrics['misclassified']} misclassified",
             TARGET: f"{selected} photos toward {metrics['target']}",
             COUNTERFACTUAL: f"{selected} correct photos toward their nearest other class"}[selection]

@@ -20,6 +20,21 @@ MIN_TOKEN_LENGTH = 16
 QUEUE_PER_SLOT = 4
 
 
+def split_list(value, what: str):
+    """A list setting from the environment or a flag: a JSON list, or comma-separated; empty = None."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text:
+        return None
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON list of {what}: {exc}") from exc
+    return [part.strip() for part in text.split(",")]
+
+
 class ExplainerSettings(ServiceSettings):
     """Every field can be set as EXPLAINER_<NAME>; explicit arguments win over the environment.
 
@@ -133,17 +148,7 @@ class ExplainerSettings(ServiceSettings):
     @field_validator("classes", mode="before")
     @classmethod
     def _split_classes(cls, value):
-        if isinstance(value, str):
-            text = value.strip()
-            if not text:
-                return None
-            if text.startswith("["):
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"not a JSON list of class names: {exc}") from exc
-            return [part.strip() for part in text.split(",")]
-        return value
+        return split_list(value, "class names")
 
     @field_validator("classes")
     @classmethod
@@ -216,17 +221,7 @@ class ExplainerSettings(ServiceSettings):
     @field_validator("oip_mean", "oip_std", mode="before")
     @classmethod
     def _split_numbers(cls, value):
-        if isinstance(value, str):
-            text = value.strip()
-            if not text:
-                return None
-            if text.startswith("["):
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"not a JSON list of numbers: {exc}") from exc
-            return [part.strip() for part in text.split(",")]
-        return value
+        return split_list(value, "numbers")
 
     @field_validator("oip_mean")
     @classmethod
