@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from advexplain.shared.saliency import saliency_map
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import (
     OUR_SETTINGS,
     base_parser,

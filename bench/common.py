@@ -7,33 +7,27 @@ Every image here is a (C, H, W) or (N, C, H, W) float tensor in [0, 1]; every ma
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-# One thread for BLAS / OpenMP too (ART and numpy), before numpy or torch load: the CPUs are shared.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
+import torch
+from torchvision.transforms.v2.functional import gaussian_blur as blur
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torchvision.transforms.v2.functional import gaussian_blur as blur  # noqa: E402
+from advexplain.shared.checkpoints import load_checkpoint
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.data import load_images
+from advexplain.shared.explain import explain
+from advexplain.shared.saliency import pixel_magnitude
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from advexplain.shared.checkpoints import load_checkpoint  # noqa: E402
-from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
-from advexplain.shared.data import load_images  # noqa: E402
-from advexplain.shared.explain import explain  # noqa: E402
-from advexplain.shared.saliency import pixel_magnitude  # noqa: E402
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

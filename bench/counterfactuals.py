@@ -36,7 +36,6 @@ from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.data import ELPV4, load_photos
 from advexplain.shared.explain import DEFAULT_METHOD, explain, method_options
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import RESULTS, fmt, markdown_table, write_json
 from bench.native_resolution import summary
 

@@ -12,37 +12,32 @@ base64. Prints a table and writes JSON to bench/results/explainer_latency.json.
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
 import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import httpx
+import torch
+from PIL import Image
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from advexplain.launch import ServiceProcess
+from advexplain.shared import evaluation
+from advexplain.shared.checkpoints import load_checkpoint
+from advexplain.shared.classifiers import LocalClassifier
+from advexplain.shared.data import load_images
+from advexplain.shared.explain import DEFAULT_MAX_QUERIES, DEFAULT_METHOD, explain
+from advexplain.shared.images import decode_image
+from advexplain.shared.render import render_explanation
+from advexplain.shared.saliency import saliency_map
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from advexplain.launch import ServiceProcess  # noqa: E402
-from advexplain.shared import evaluation  # noqa: E402
-from advexplain.shared.checkpoints import load_checkpoint  # noqa: E402
-from advexplain.shared.classifiers import LocalClassifier  # noqa: E402
-from advexplain.shared.data import load_images  # noqa: E402
-from advexplain.shared.explain import DEFAULT_MAX_QUERIES, DEFAULT_METHOD, explain  # noqa: E402
-from advexplain.shared.images import decode_image  # noqa: E402
-from advexplain.shared.render import render_explanation  # noqa: E402
-from advexplain.shared.saliency import saliency_map  # noqa: E402
-
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENT_ID = "bench-explainer-latency"
 

@@ -22,7 +22,6 @@ from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import explain
 from advexplain.shared.render import render_explanation
 from advexplain.shared.saliency import saliency_map
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import RESULTS, write_json
 
 ROOT = Path(__file__).resolve().parents[1]

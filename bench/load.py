@@ -28,33 +28,28 @@ percentiles are rounded buckets; this loop is short and reads every answer's `qu
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import io
+import json
 import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import httpx
+import torch
+from PIL import Image
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from advexplain.launch import ServiceProcess, process_tree
+from advexplain.shared import evaluation
+from advexplain.shared.data import load_photos
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from advexplain.launch import ServiceProcess, process_tree  # noqa: E402
-from advexplain.shared import evaluation  # noqa: E402
-from advexplain.shared.data import load_photos  # noqa: E402
-
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPLAINER_ID = "bench-load-explainer"
 SCREEN_ID = "bench-load-screening"

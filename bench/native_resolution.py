@@ -41,7 +41,6 @@ from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.pixels import quantise
 from advexplain.shared.saliency import pixel_magnitude, saliency_map
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import RESULTS, auc, fmt, gaussian_blur, markdown_table, rank_order, write_json
 
 ROOT = Path(__file__).resolve().parents[1]

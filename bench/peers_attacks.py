@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from advexplain.shared.pixels import quantise
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import (
     OUR_SETTINGS,
     Bench,

@@ -35,7 +35,6 @@ import torch
 
 from advexplain.shared.explain.base import value_and_grad
 from advexplain.shared.saliency import saliency_map
-from bench import common  # noqa: F401  (first: pins BLAS/OpenMP threads before numpy and torch load)
 from bench.common import (
     OUR_SETTINGS,
     Timer,
