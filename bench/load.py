@@ -151,13 +151,6 @@ def checkout_state() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_in_shared_and_services": dirty}
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """q in [0, 1]: numpy's percentile (linear interpolation), as every bench reports it; None when empty.
-    (Runs committed before this definition used the nearest rank; at hundreds of samples the two differ
-    by less than one sample's spacing.)"""
-    return evaluation.percentile(values, 100 * q)
-
-
 async def run_clients(url: str, samples: list[tuple[bytes, str]], clients: int, per_client: int, max_queries: int,
                       timeout: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(every attempt, every explanation): each client gets `per_client` explanations, retrying refusals."""
@@ -306,14 +299,16 @@ def main() -> int:
         "error_samples": errors[:5],
         "refused_by_reason_server": refused_by_reason,
         "successes": sum(a["success"] for a in ok),
-        "admitted_latency_p50_s": percentile(admitted, 0.50), "admitted_latency_p95_s": percentile(admitted, 0.95),
+        "admitted_latency_p50_s": evaluation.percentile(admitted, 50),
+        "admitted_latency_p95_s": evaluation.percentile(admitted, 95),
         "admitted_latency_max_s": max(admitted, default=None),
         "admitted_latency_mean_s": statistics.fmean(admitted) if admitted else None,
-        "refusal_latency_p50_s": percentile(refusals, 0.50), "refusal_latency_p95_s": percentile(refusals, 0.95),
+        "refusal_latency_p50_s": evaluation.percentile(refusals, 50),
+        "refusal_latency_p95_s": evaluation.percentile(refusals, 95),
         "refusal_latency_max_s": max(refusals, default=None),
         "retry_after_seen_s": sorted({int(a["retry_after"]) for a in refused}),
-        "time_to_explanation_incl_retries_p50_s": percentile(to_explanation, 0.50),
-        "time_to_explanation_incl_retries_p95_s": percentile(to_explanation, 0.95),
+        "time_to_explanation_incl_retries_p50_s": evaluation.percentile(to_explanation, 50),
+        "time_to_explanation_incl_retries_p95_s": evaluation.percentile(to_explanation, 95),
         "wall_s": wall, "explanations_per_s": len(ok) / wall,
         "server_seconds_per_explanation": cost,
         "queries_reported": reported, "blackbox_counter_delta": int(box_delta),
