@@ -113,6 +113,16 @@ def test_the_explainer_needs_only_predict_and_explains_the_photo_itself(box, tin
             assert body["failure_reason"] in ("max_queries", "max_linf")
     assert successes >= 1, "a label-only third-party box must be explainable"
 
+    # `target` against a box we did not train: asked toward the class the box already answers, the
+    # photo is already there (one query, counted by the box, no change) and the label stays the true one.
+    data, label, _ = mistakes(box, 1)[0]
+    said = box.predict(data)
+    before = box.counted()
+    body = httpx.post(f"{explainer.url}/explain", files={"image": ("photo", data, "application/octet-stream")},
+                      data={"label": label, "target": said}, timeout=120).json()
+    assert (body["label"], body["target"], body["already_correct"], body["success"]) == (label, said, True, True)
+    assert body["queries"] == 1 == box.counted() - before and body["linf"] == 0.0
+
 
 def test_distillation_and_evaluate_need_only_predict(box, tiny_models, tmp_path):
     env = {"PYTHONPATH": str(ROOT), "ADVEXPLAIN_THREADS": "1"}
