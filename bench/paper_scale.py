@@ -6,7 +6,9 @@ explains every validation image the black box gets wrong with white-box and blac
 (Algorithms 1 and 3 as published, unbounded: max_linf 1) and `margin` / `margin-linf` (ours, with
 the default max_linf), the black box answering labels only for ours. Two views of the split: the
 paper's (each image resized to the model's square input) and the photos at their own size (as the
-services explain uploads). Results stream to OUT/paper_scale.jsonl as they come (flushed, so a run cut
+services explain uploads). With `--concurrency`, before the photo view it measures explanations
+per second of that many concurrent searches on the photos, their surrogate work separate or batched
+across them (`bench.batching.measure`). Results stream to OUT/paper_scale.jsonl as they come (flushed, so a run cut
 off at a time limit keeps what it finished); the summary goes to OUT/paper_scale.json.
 
     python -m bench.paper_scale --data "$ADVEXPLAIN_FACES" --device cuda --out bench/results   # paper size
@@ -33,6 +35,8 @@ from advexplain.shared.evaluation import PAPER, find_mistakes, summarise  # noqa
 from advexplain.shared.explain import EnsembleSurrogate, explain  # noqa: E402
 from advexplain.shared.models import ModelConfig  # noqa: E402
 from advexplain.shared.training import channel_stats, predict, train_model  # noqa: E402
+from bench.batching import measure
+from bench.batching import table as batching_table
 
 
 class Log:
@@ -72,6 +76,10 @@ def main() -> int:
     p.add_argument("--views", nargs="+", choices=("square", "photo"), default=["square", "photo"],
                    help="square: the paper's protocol (images resized to the model's input); photo: each validation "
                         "photo at its own size, as the services explain uploads")
+    p.add_argument("--concurrency", type=int, nargs="*", default=[],
+                   help="before the photo view: explanations/s of this many concurrent searches on the photos, "
+                        "surrogate work separate vs batched (bench.batching); e.g. 1 8 32")
+    p.add_argument("--per-thread", type=int, default=4, help="explanations per thread at each --concurrency")
     args = p.parse_args()
     if not args.data:
         p.error("--data or ADVEXPLAIN_FACES is required")
@@ -190,8 +198,11 @@ def main() -> int:
         runs += [("blackbox", "paper", surrogate, False), ("blackbox", "margin", surrogate, True),
                  ("blackbox", "margin-linf", surrogate, True)]
 
-    summary = []
+    summary, throughput = [], []
     for view in args.views:
+        if view == "photo" and args.concurrency:
+            throughput = concurrent_throughput(args, views["photo"], mistakes["photo"], blackbox_model,
+                                               members["ground-truth"], log)
         images, labels = views[view]
         for mode, method, surrogate, label_only in runs:
             oracle = LocalClassifier(blackbox_model, train.classes, label_only=label_only)
@@ -229,11 +240,20 @@ def main() -> int:
         "commit": os.environ.get("ADVEXPLAIN_COMMIT"),
         "paper": PAPER,
         "runs": summary,
+        "batching": throughput,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (args.out / "paper_scale.json").write_text(json.dumps(out, indent=2) + "\n")
     print(table(out))
     return 0
+
+
+def concurrent_throughput(args, photos, wrong: list[int], blackbox_model, surrogate: LocalClassifier, log) -> list:
+    """Explanations/s of concurrent label-only searches on the misclassified photos, separate vs batched."""
+    images, labels = photos
+    blackbox = LocalClassifier(blackbox_model, surrogate.classes, label_only=True)
+    return measure([images[i] for i in wrong], [int(labels[i]) for i in wrong], blackbox, surrogate,
+                   args.concurrency, args.per_thread, log=log)
 
 
 def table(out: dict) -> str:
@@ -256,6 +276,9 @@ def table(out: dict) -> str:
             f"{fmt(r['median_linf_255'], '.1f')} | {fmt(r['p90_linf_255'], '.1f')} | "
             f"{fmt(r['seconds_per_explanation'], '.4f')} | {fmt(r['distillation_queries_per_image'], '.1f')} |"
         )
+    if out.get("batching"):
+        lines += ["", "Concurrent searches on the photos (ground-truth surrogate, label-only box):", "",
+                  batching_table(out["batching"])]
     return "\n".join(lines)
 
 

@@ -155,6 +155,17 @@ def max_levels(max_linf: float) -> int:
     return int(math.floor(max_linf * LEVELS + 1e-6))
 
 
+def source_device(source: GradientSource, default: torch.device) -> torch.device:
+    """The device of a gradient source's networks: its `device` attribute, else its first parameter's."""
+    device = getattr(source, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for module in source.modules():
+        for parameter in module.parameters():
+            return parameter.device
+    return default
+
+
 class BudgetSpent(Exception):
     """Raised inside a search when the next oracle query would exceed `max_queries`."""
 
@@ -176,7 +187,8 @@ class BudgetedOracle:
         if self.queries >= self.max_queries:
             raise BudgetSpent
         self.queries += 1
-        probs = self.oracle.predict_proba(image.unsqueeze(0).detach().clone())
+        # Oracles get CPU images whatever device the search runs on: a Classifier owes nothing more.
+        probs = self.oracle.predict_proba(image.unsqueeze(0).detach().to("cpu", copy=True))
         return int(torch.as_tensor(probs)[0].argmax())
 
 
@@ -267,7 +279,10 @@ class Method:
     def run(self, image: torch.Tensor, label: int, target: int, gradient_source: GradientSource,
             oracle: Classifier, options: SearchOptions, whitebox: bool) -> Explanation:
         started = time.perf_counter()
-        original = quantise(image.detach().clone())
+        # The search runs where the gradient source's network lives (a GPU's surrogate gets GPU
+        # candidates and views); what it returns is on the caller's device.
+        home = image.device
+        original = quantise(image.detach().to(source_device(gradient_source, home), copy=True))
         budget = BudgetedOracle(oracle, options.max_queries)
         classes = tuple(getattr(oracle, "classes", ()) or getattr(gradient_source, "classes", ()))
 
@@ -302,6 +317,8 @@ class Method:
             rms = float(levels.pow(2).mean().sqrt()) / LEVELS
         else:
             adversarial, perturbation, l2, linf, rms, epsilon = original.clone(), None, None, None, None, None
+        original, adversarial = original.to(home), adversarial.to(home)
+        perturbation = None if perturbation is None else perturbation.to(home)
         return Explanation(
             success=already or accepted is not None, already_correct=already, label=label, target=target,
             original_prediction=first, final_prediction=final, original=original, adversarial=adversarial,

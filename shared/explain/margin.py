@@ -106,7 +106,7 @@ class MarginSearch(Method):
         margin = o.margin if o.margin is not None else (WHITEBOX_MARGIN if white else DEFAULT_TRANSFER_MARGIN)
         budgets = budget_schedule(o.budget, o.budget_growth, o.max_linf)
         views = None if white else Views(s.image, o, torch.Generator().manual_seed(0))
-        z = torch.zeros(self._grid_shape(s.image, None if white else o.grid), dtype=s.image.dtype)
+        z = torch.zeros(self._grid_shape(s.image, None if white else o.grid), dtype=s.image.dtype, device=s.image.device)
         rounds = 0
         for n, eps in enumerate(budgets):
             last = n == len(budgets) - 1
@@ -287,6 +287,6 @@ class Views:
             mode = self.MODES[int(torch.randint(len(self.MODES), (), generator=self.generator))]
             v = self._resize(v, shape, mode)
             if self.sigma > 0:
-                v = v + self.sigma * torch.randn(v.shape, generator=self.generator).to(v.dtype)
+                v = v + self.sigma * torch.randn(v.shape, generator=self.generator).to(v.device, v.dtype)
             views.append(F.interpolate(v.clamp(0, 1), size=self.work, mode="bilinear", align_corners=False))
         return torch.cat(views)
