@@ -103,6 +103,8 @@ def _register_explainer(services) -> None:
                                                  "overloaded with Retry-After at once (default: 4 x max-concurrency)")
     p.add_argument("--max-queue-wait", type=float, help="seconds an explanation may wait before it gets 503 "
                                                         "overloaded (default 10)")
+    p.add_argument("--surrogate-batch", type=int, help="most images in one surrogate pass shared by concurrent "
+                                                       "explanations; 0 = off (default: 512 on CUDA, 0 on the CPU)")
     p.add_argument("--max-queries", type=int, help="upper limit of a request's max_queries (default 200)")
     p.add_argument("--max-upload-bytes", type=int, help="request body limit (default 10000000)")
     p.add_argument("--max-pixels", type=int, help="pixels of the upload, checked before decoding (default 40000000)")

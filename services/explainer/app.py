@@ -18,7 +18,7 @@ from advexplain.services.common.metrics import LatencyMiddleware, ServiceMetrics
 from advexplain.services.explainer.auth import TokenGuardMiddleware
 from advexplain.services.explainer.page import page_router
 from advexplain.services.explainer.routes import router, whitebox_router
-from advexplain.services.explainer.service import Explainer, build_http_client, load_surrogate
+from advexplain.services.explainer.service import Explainer, build_http_client, close_surrogate, load_surrogate
 from advexplain.services.explainer.settings import ExplainerSettings
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.errors import CheckpointError
@@ -56,14 +56,16 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
                                      pixel_scale=settings.oip_pixel_scale, mean=settings.oip_mean, std=settings.oip_std)
         app.state.explainer = Explainer(settings, metrics, surrogate, blackbox, whitebox)
         log.info("explainer ready: %d surrogate(s) %s, classes %s, black box %s as %r, white-box route %s, "
-                 "%d at once, %d may wait up to %g s, %d torch thread(s) each",
+                 "%d at once, %d may wait up to %g s, %d torch thread(s) each, surrogate batch %s",
                  len(settings.surrogate), ", ".join(map(str, settings.surrogate)), list(classes), settings.blackbox_url,
                  settings.client_id, "on" if whitebox is not None else "off", settings.max_concurrency,
-                 settings.max_queue, settings.max_queue_wait, settings.threads)
+                 settings.max_queue, settings.max_queue_wait, settings.threads,
+                 settings.surrogate_batch or "off")
         try:
             yield
         finally:
             app.state.explainer = None
+            close_surrogate(surrogate)
             metrics.close()
             if blackbox_client is None:
                 http.close()

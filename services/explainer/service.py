@@ -14,7 +14,7 @@ from advexplain.services.common.metrics import ServiceMetrics
 from advexplain.services.explainer.settings import ExplainerSettings
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.errors import InvalidInput
-from advexplain.shared.explain import EnsembleSurrogate, Explanation, SearchOptions, explain
+from advexplain.shared.explain import BatchedSurrogate, EnsembleSurrogate, Explanation, SearchOptions, explain
 from advexplain.shared.images import Photo, decode_photo
 from advexplain.shared.protocols import Classifier, GradientSource
 from advexplain.shared.remote import NO_HEALTH_ENDPOINT, READY, RemoteBlackBox
@@ -84,10 +84,21 @@ def parse_class(text: str, classes: tuple[str, ...], what: str = "label") -> int
 
 
 def load_surrogate(settings: ExplainerSettings) -> GradientSource:
-    """One surrogate as itself, several as an EnsembleSurrogate (their margins and gradients summed)."""
+    """One surrogate as itself, several as an EnsembleSurrogate (their margins and gradients summed);
+    with `surrogate_batch` > 0 each network is shared through a BatchedSurrogate (close with
+    `close_surrogate`)."""
     device = str(settings.torch_device)
-    members = [LocalClassifier.from_checkpoint(path, device=device) for path in settings.surrogate]
+    members: list = [LocalClassifier.from_checkpoint(path, device=device) for path in settings.surrogate]
+    if settings.surrogate_batch > 0:
+        members = [BatchedSurrogate(m, max_batch=settings.surrogate_batch) for m in members]
     return members[0] if len(members) == 1 else EnsembleSurrogate(members)
+
+
+def close_surrogate(source: GradientSource) -> None:
+    """Stop the batching threads of a surrogate from `load_surrogate` (nothing to do without batching)."""
+    for member in getattr(source, "members", [source]):
+        if isinstance(member, BatchedSurrogate):
+            member.close()
 
 
 def build_http_client(settings: ExplainerSettings) -> httpx.Client:

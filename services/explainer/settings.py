@@ -12,12 +12,15 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from advexplain.services.common.settings import ServiceSettings, checkpoint_problem, usable_cpus
+from advexplain.shared.devices import pick_device
 from advexplain.shared.explain.base import MAX_QUERIES_LIMIT
 from advexplain.shared.oip import is_oip_url
 from advexplain.shared.wire import CLIENT_ID, CLIENT_ID_RULE
 
 MIN_TOKEN_LENGTH = 16
 QUEUE_PER_SLOT = 4
+# Images per batched surrogate pass on a GPU (32 concurrent searches x 6 views fit many times over).
+DEFAULT_SURROGATE_BATCH = 512
 
 
 def split_list(value, what: str):
@@ -90,6 +93,11 @@ class ExplainerSettings(ServiceSettings):
                                  "to it once, up front (aspect ratio kept), and the answer says so; 0 or empty = never")
     classes: Annotated[list[str], NoDecode] | None = Field(
         None, description="class names in index order, as the black box labels them (default: the surrogate's)")
+    surrogate_batch: int = Field(None, ge=0, le=65_536, validate_default=True,
+                                 description="most images in one surrogate pass shared by the concurrent "
+                                             "explanations of a process (their work batched, bench/batching.py); 0 = "
+                                             "off, each explanation runs its own passes (default: 512 on a CUDA "
+                                             "device, 0 on the CPU, where batching measured slower)")
     threads: int = Field(None, ge=1, le=256, validate_default=True,
                          description="torch CPU threads of each explanation (default: the usable cores / (workers x "
                                      "max_concurrency), at least 1, so the cores are never oversubscribed)")
@@ -138,6 +146,14 @@ class ExplainerSettings(ServiceSettings):
     def _default_threads(cls, value, info: ValidationInfo):
         if value is None or value == "":
             return max(1, usable_cpus() // (info.data.get("workers", 1) * info.data.get("max_concurrency", 1)))
+        return value
+
+    @field_validator("surrogate_batch", mode="before")
+    @classmethod
+    def _default_batch(cls, value, info: ValidationInfo):
+        if value is None or value == "":
+            device = info.data.get("device", "auto")
+            return DEFAULT_SURROGATE_BATCH if pick_device(device).type == "cuda" else 0
         return value
 
     @field_validator("max_side", mode="before")

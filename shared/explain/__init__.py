@@ -27,6 +27,7 @@ from advexplain.shared.explain.base import (
     Method,
     SearchOptions,
 )
+from advexplain.shared.explain.batching import BatchedSurrogate
 from advexplain.shared.explain.ensemble import EnsembleSurrogate
 from advexplain.shared.explain.margin import MarginOptions, MarginSearch, MarginSearchLinf
 from advexplain.shared.explain.paper import DEFAULT_ALPHA, MAX_ALPHA, PaperLineSearch, PaperOptions, epsilon_schedule
@@ -36,6 +37,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (MarginSearch(), MarginSearchLi
 DEFAULT_METHOD = "margin"
 
 __all__ = [
+    "BatchedSurrogate",
     "DEFAULT_ALPHA", "DEFAULT_MAX_LINF", "DEFAULT_MAX_QUERIES", "DEFAULT_METHOD", "EnsembleSurrogate", "Explanation",
     "MAX_ALPHA", "MAX_QUERIES_LIMIT", "METHODS", "MarginOptions", "Method", "PaperOptions", "SearchOptions",
     "epsilon_schedule", "explain", "method_options",

@@ -12,9 +12,10 @@ This is the same arithmetic, not an approximation: the network runs in eval mode
 its running statistics), so each image's logits depend on that image alone, and the gradient of
 the summed objective with respect to the batch holds each image's own gradient. Only floating-point
 rounding differs (kernels chosen per batch size, the chain rule applied in another order: logits
-move by about 1e-5), which can send a search that sits on an 8-bit rounding edge down another path. Resizing to the network's
-input (differentiable) stays in the caller's thread and graph; the network pass is a custom
-autograd function whose backward multiplies the returned per-image gradient by the incoming one.
+move by about 1e-5), which can send a search that sits on an 8-bit rounding edge down another path.
+Resizing to the network's input (differentiable) stays in the caller's thread and graph; the
+network pass is a custom autograd function whose backward multiplies the returned per-image
+gradient by the incoming one.
 
 >>> shared = BatchedSurrogate(LocalClassifier.from_checkpoint("models/surrogate", device="cuda"))  # doctest: +SKIP
 >>> explain(photo, label, shared, black_box)        # from many threads at once              # doctest: +SKIP
@@ -102,6 +103,10 @@ class BatchedSurrogate:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Unbatched logits (reports, not searches): the wrapped classifier's own."""
         return self.surrogate.logits(x)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped classifier's probabilities (reports, not searches)."""
+        return self.surrogate.predict_proba(x)
 
     def modules(self) -> list[nn.Module]:
         return []

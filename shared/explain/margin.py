@@ -106,7 +106,8 @@ class MarginSearch(Method):
         margin = o.margin if o.margin is not None else (WHITEBOX_MARGIN if white else DEFAULT_TRANSFER_MARGIN)
         budgets = budget_schedule(o.budget, o.budget_growth, o.max_linf)
         views = None if white else Views(s.image, o, torch.Generator().manual_seed(0))
-        z = torch.zeros(self._grid_shape(s.image, None if white else o.grid), dtype=s.image.dtype, device=s.image.device)
+        shape = self._grid_shape(s.image, None if white else o.grid)
+        z = torch.zeros(shape, dtype=s.image.dtype, device=s.image.device)
         rounds = 0
         for n, eps in enumerate(budgets):
             last = n == len(budgets) - 1

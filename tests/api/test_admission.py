@@ -11,6 +11,7 @@ import time
 import anyio
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import CollectorRegistry
@@ -247,6 +248,42 @@ def test_explainer_serves_max_concurrency_explanations_at_once(box, explainer_se
     assert [r.status_code for r in results] == [200, 200] and peak[0] == 2
 
 
+def test_concurrent_explanations_share_batched_surrogate_passes(box, explainer_settings, tiny_models):
+    """surrogate_batch > 0: four explanations at once go through one batching thread, every answer
+    is a real one, queries reconcile with the box's counter, and shutdown stops the thread."""
+    app = create_explainer(explainer_settings(max_concurrency=4, max_queue=0, surrogate_batch=64), blackbox_client=box)
+    data = png()
+    predicted = box.post("/predict", files={"image": ("x.png", data, "image/png")}).json()["predictions"][0]["label"]
+    wrong = next(c for c in ("defective", "functional") if c != predicted)  # the box's answer is a mistake
+    form = {"files": {"image": ("x.png", data, "image/png")}, "data": {"label": wrong, "max_queries": "4"}}
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            shared = app.state.explainer.surrogate
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://explainer") as http:
+                before = box.app.state.blackbox.counter.of(CLIENT)
+                answers = await asyncio.gather(*(http.post("/explain", **form) for _ in range(4)))
+                after = box.app.state.blackbox.counter.of(CLIENT)
+        return shared, answers, after - before
+
+    shared, answers, counted = asyncio.run(main())
+    assert type(shared).__name__ == "BatchedSurrogate" and shared.passes > 0
+    assert [a.status_code for a in answers] == [200] * 4
+    assert counted == sum(a.json()["queries"] for a in answers)
+    assert not shared._thread.is_alive()  # the lifespan closed it
+
+
+def test_surrogate_batch_defaults_to_off_on_the_cpu_and_on_for_cuda(tiny_models, monkeypatch):
+    surrogate = [tiny_models["surrogate"]]
+    assert ExplainerSettings(surrogate=surrogate, device="cpu").surrogate_batch == 0
+    assert ExplainerSettings(surrogate=surrogate, device="cpu", surrogate_batch=32).surrogate_batch == 32
+    monkeypatch.setattr(settings_module, "pick_device", lambda device: torch.device("cuda"))
+    s = ExplainerSettings(surrogate=[tiny_models["surrogate"]], device="cpu")
+    assert s.surrogate_batch == settings_module.DEFAULT_SURROGATE_BATCH
+    with pytest.raises(ValidationError):
+        ExplainerSettings(surrogate=[tiny_models["surrogate"]], surrogate_batch=-1)
+
+
 # ---------------------------------------------------------------- the black box
 
 def test_black_box_refuses_past_its_queue_and_counts_only_what_it_classified(tiny_models, monkeypatch):
@@ -379,10 +416,13 @@ def test_serve_flags_reach_the_settings(tiny_models):
             "5",
             "--max-queue-wait",
             "1.5",
+            "--surrogate-batch",
+            "128",
         ]
     )
     s = _settings_or_exit(ExplainerSettings, {n: getattr(args, n, None) for n in ExplainerSettings.model_fields})
     assert (s.workers, s.max_concurrency, s.max_queue, s.max_queue_wait, s.threads) == (2, 3, 5, 1.5, 2)
+    assert s.surrogate_batch == 128
     args = build_parser().parse_args(["serve", "blackbox", "--model", str(tiny_models["blackbox"]), "--max-queue", "0",
                                       "--max-queue-wait", "0.5"])
     s = _settings_or_exit(BlackboxSettings, {n: getattr(args, n, None) for n in BlackboxSettings.model_fields})
