@@ -48,6 +48,7 @@ from PIL import Image
 from advexplain.launch import ServiceProcess, process_tree
 from advexplain.shared import evaluation
 from advexplain.shared.data import load_photos
+from advexplain.shared.pixels import encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,22 +122,29 @@ def metric(url: str, name: str, **labels) -> float:
     return total
 
 
-def user_photos(box_url: str, limit: int) -> tuple[list[tuple[bytes, str]], int]:
-    """PNGs of elpv validation photos at their own size that the black box gets wrong, and how many it got wrong."""
-    photos = load_photos("elpv", "validation")
+def user_photos(box_url: str, limit: int, data: str = "elpv",
+                screen: int | None = None) -> tuple[list[tuple[bytes, str]], int, int]:
+    """PNGs of validation photos at their own size that the black box gets wrong, how many of the
+    screened photos it got wrong, and how many were screened (all, or the first `screen`).
+    elpv cells go as the greyscale PNGs the data set ships; a folder's photos as 8-bit RGB PNGs."""
+    photos = load_photos(data, "validation")
     out, wrong = [], 0
+    count = len(photos) if screen is None else min(screen, len(photos))
     with httpx.Client(base_url=box_url, timeout=30, headers={"X-Client-Id": SCREEN_ID}) as http:
-        for i in range(len(photos)):
-            buf = io.BytesIO()
-            Image.fromarray(photos.photos[i][0].numpy(), "L").save(buf, format="PNG")  # greyscale, as shipped
-            data = buf.getvalue()
-            answer = http.post("/predict", files={"image": ("cell.png", data, "image/png")}).json()
+        for i in range(count):
+            if data == "elpv":
+                buf = io.BytesIO()
+                Image.fromarray(photos.photos[i][0].numpy(), "L").save(buf, format="PNG")  # greyscale, as shipped
+                data_bytes = buf.getvalue()
+            else:
+                data_bytes = encode_png(photos.image(i))
+            answer = http.post("/predict", files={"image": ("cell.png", data_bytes, "image/png")}).json()
             label = photos.classes[photos.labels[i]]
             if answer["predictions"][0]["label"] != label:
                 wrong += 1
                 if len(out) < limit:
-                    out.append((data, label))
-    return out, wrong
+                    out.append((data_bytes, label))
+    return out, wrong, count
 
 
 def checkout_state() -> dict:
@@ -144,7 +152,10 @@ def checkout_state() -> dict:
     import subprocess
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+        except OSError:  # no git (a bare GPU machine): the JSON says nothing of the checkout
+            return ""
 
     # Porcelain lines are "XY path": the status takes two columns and a space (never strip the first).
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "shared", "services").splitlines()]
@@ -198,7 +209,7 @@ async def run_clients(url: str, samples: list[tuple[bytes, str]], clients: int, 
 
 def service_flags(args) -> list[str]:
     flags = []
-    for name in ("workers", "max_concurrency", "max_queue", "max_queue_wait"):
+    for name in ("workers", "max_concurrency", "max_queue", "max_queue_wait", "surrogate_batch", "device"):
         value = getattr(args, name)
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
@@ -217,6 +228,12 @@ def main() -> int:
     p.add_argument("--max-queue", type=int, default=None, help="default: the service's (4 per slot)")
     p.add_argument("--max-queue-wait", type=float, default=None, help="default: the service's (10 s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per explanation (default: the service's)")
+    p.add_argument("--surrogate-batch", type=int, default=None,
+                   help="images per shared surrogate pass (default: the service's: 512 on CUDA, off on the CPU)")
+    p.add_argument("--device", default=None, help="both services' torch device (default: theirs, auto)")
+    p.add_argument("--data", default="elpv", help="elpv (built-in) or a folder <root>/<split>/<class>/<image> whose "
+                                                 "validation photos are the uploads (match the checkpoints)")
+    p.add_argument("--screen", type=int, default=None, help="screen only the first N validation photos (default all)")
     p.add_argument("--blackbox", type=Path, default=ROOT / "models" / "blackbox")
     p.add_argument("--surrogate", type=Path, default=ROOT / "models" / "surrogate")
     p.add_argument("--images", type=int, default=64, help="distinct photos the clients cycle through")
@@ -229,11 +246,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="advexplain-load-") as tmp:
         logs = Path(tmp)
-        box = ServiceProcess("blackbox", ["--model", str(args.blackbox)], log_dir=logs)
+        device = ["--device", args.device] if args.device else []
+        box = ServiceProcess("blackbox", ["--model", str(args.blackbox), *device], log_dir=logs)
         explainer = None
         try:
             box.start(timeout=120)
-            samples, misclassified = user_photos(box.url, args.images)
+            samples, misclassified, screened = user_photos(box.url, args.images, args.data, args.screen)
             if not samples:
                 raise SystemExit("the black box misclassifies no validation photo: nothing to explain")
             explainer = ServiceProcess("explainer", ["--surrogate", str(args.surrogate), "--blackbox-url", box.url,
@@ -329,7 +347,9 @@ def main() -> int:
                  "explainer_flags": service_flags(args) or "service defaults",
                  "explainer_threads_flag": args.threads, "explainer_settings_logged": settings_line,
                  "method": "margin (default)", "images": len(samples), "misclassified_in_split": misclassified,
-                 "uploads": "elpv validation photos at their own size (300x300), 8-bit greyscale PNG",
+                 "screened": screened, "data": args.data, "device": args.device or "service default (auto)",
+                 "uploads": "elpv validation photos at their own size (300x300), 8-bit greyscale PNG"
+                 if args.data == "elpv" else f"{args.data} validation photos at their own size, 8-bit RGB PNG",
                  "blackbox": str(args.blackbox), "surrogate": str(args.surrogate), "blackbox_threads": 1,
                  "client": "closed loop, httpx.AsyncClient; 503 overloaded -> wait Retry-After (+<=10% jitter), retry",
                  "transport": "uvicorn on 127.0.0.1", "cpu_count": os.cpu_count(),
