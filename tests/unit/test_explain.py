@@ -149,6 +149,24 @@ def test_every_method_fails_cleanly_against_a_box_that_never_agrees(setting, met
     check_failure(result)
 
 
+def test_patience_stops_walks_pinned_by_their_budget(setting):
+    """Against a box that never agrees, a walk that stalls stops before max_steps; without patience
+    every round runs all of them. The queries asked are the same rounds either way."""
+    steps = {}
+    for patience in (None, 1):
+        walked = []
+        for i in setting["wrong"][:3]:
+            image, label = image_of(setting, i)
+            oracle = Threshold(image, label, levels=10_000, classes=setting["surrogate"].classes)
+            result = explain(image, label, setting["surrogate"], oracle, patience=patience, max_steps=8)
+            check_failure(result)
+            walked += [t["steps"] for t in result.trace if "steps" in t]
+        assert all(0 <= n <= 8 for n in walked)
+        steps[patience] = walked
+    assert sum(steps[1]) < sum(steps[None])
+    assert min(steps[1]) < 8
+
+
 def test_whitebox_default_always_explains_with_one_search_query(setting):
     oracle = fresh_oracle(setting)
     for i in setting["wrong"]:
