@@ -70,42 +70,35 @@ def test_concurrent_submissions_get_their_own_values_and_gradients(surrogate, jo
         torch.testing.assert_close(g, grad, rtol=1e-3, atol=1e-5 * float(grad.abs().max()) + 1e-7)
 
 
-def test_work_submitted_during_a_pass_goes_through_the_next_pass_together(tiny_models):
+def behind_a_held_pass(tiny_models, first: int, later: list[tuple[str, int]], **options) -> BatchedSurrogate:
+    """Submit `first` images, hold that pass until every `later` (objective, images) submission is
+    queued behind it, then let everything run; the closed BatchedSurrogate keeps its counts."""
     surrogate = LocalClassifier.from_checkpoint(tiny_models["surrogate"])
     gate = Gate(surrogate.model)
     surrogate.model = gate
-    with BatchedSurrogate(surrogate) as shared:
-        first = threading.Thread(target=shared.margin, args=(torch.rand(2, 3, 40, 50), 0))
-        first.start()
+    with BatchedSurrogate(surrogate, **options) as shared:
+        threads = [threading.Thread(target=shared.margin, args=(torch.rand(first, 3, 40, 50), 0))]
+        threads[0].start()
         assert gate.entered.wait(10)
-        others = [threading.Thread(target=shared.loss, args=(torch.rand(3, 3, 30, 30), 1)) for _ in range(4)]
-        for t in others:
-            t.start()
-        while shared._queue.qsize() < 4:  # all four are waiting for the pass in progress
+        for objective, n in later:
+            threads.append(threading.Thread(target=getattr(shared, objective), args=(torch.rand(n, 3, 30, 30), 1)))
+            threads[-1].start()
+        while shared._queue.qsize() < len(later):  # all of them wait for the pass in progress
             threading.Event().wait(0.01)
         gate.release.set()
-        for t in [first, *others]:
+        for t in threads:
             t.join()
-        assert (shared.passes, shared.images) == (2, 2 + 4 * 3)
+    return shared
+
+
+def test_work_submitted_during_a_pass_goes_through_the_next_pass_together(tiny_models):
+    shared = behind_a_held_pass(tiny_models, 2, [("loss", 3)] * 4)
+    assert (shared.passes, shared.images) == (2, 2 + 4 * 3)
 
 
 def test_max_batch_bounds_a_pass(tiny_models):
-    surrogate = LocalClassifier.from_checkpoint(tiny_models["surrogate"])
-    gate = Gate(surrogate.model)
-    surrogate.model = gate
-    with BatchedSurrogate(surrogate, max_batch=6) as shared:
-        first = threading.Thread(target=shared.margin, args=(torch.rand(1, 3, 40, 50), 0))
-        first.start()
-        assert gate.entered.wait(10)
-        others = [threading.Thread(target=shared.margin, args=(torch.rand(4, 3, 20, 20), 1)) for _ in range(3)]
-        for t in others:
-            t.start()
-        while shared._queue.qsize() < 3:
-            threading.Event().wait(0.01)
-        gate.release.set()
-        for t in [first, *others]:
-            t.join()
-        assert shared.images == 13 and shared.passes == 4  # 4 + 4 > 6: each of the three in its own pass
+    shared = behind_a_held_pass(tiny_models, 1, [("margin", 4)] * 3, max_batch=6)
+    assert shared.images == 13 and shared.passes == 4  # 4 + 4 > 6: each of the three in its own pass
 
 
 class FailsOnce(nn.Module):
