@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
@@ -159,7 +160,7 @@ def main() -> int:
     rows = measure(images, labels, blackbox, surrogate, args.concurrency, args.per_thread,
                    log=lambda **e: print(json.dumps(e), flush=True))
     out = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "device": str(device), "cpus": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__,
+           "device": str(device), "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
            "machine": platform.machine(), "misclassified_photos": len(images), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -24,6 +24,7 @@ from advexplain.services.common.admission import QUEUE_FULL, WAITED_TOO_LONG, Ad
 from advexplain.services.common.errors import Overloaded
 from advexplain.services.explainer.app import create_app as create_explainer
 from advexplain.services.explainer.settings import ExplainerSettings
+from advexplain.shared.explain import BatchedSurrogate
 from tests.metrics import metric
 
 CLIENT = "explainer-under-test"
@@ -267,7 +268,7 @@ def test_concurrent_explanations_share_batched_surrogate_passes(box, explainer_s
         return shared, answers, after - before
 
     shared, answers, counted = asyncio.run(main())
-    assert type(shared).__name__ == "BatchedSurrogate" and shared.passes > 0
+    assert isinstance(shared, BatchedSurrogate) and shared.passes > 0
     assert [a.status_code for a in answers] == [200] * 4
     assert counted == sum(a.json()["queries"] for a in answers)
     assert not shared._thread.is_alive()  # the lifespan closed it

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ from PIL import Image
 from advexplain.launch import ServiceProcess
 from advexplain.shared.data import load_photos
 from bench.third_party_box import train
+from tests.commands import distill_surrogate
 
 pytestmark = pytest.mark.integration
 
@@ -124,40 +127,40 @@ def test_the_explainer_needs_only_predict_and_explains_the_photo_itself(box, tin
     assert body["queries"] == 1 == box.counted() - before and body["linf"] == 0.0
 
 
+def test_concurrent_explanations_share_surrogate_passes_against_the_third_party_box(box, tiny_models,
+                                                                                  service_factory):
+    """Surrogate batching is not tied to our own box: four uploads at once against the ONNX box,
+    their surrogate passes shared, every success one the box agrees with, queries = its counter."""
+    explainer = service_factory("explainer", ["--surrogate", str(tiny_models["surrogate"]), "--blackbox-url",
+                                              box.url, "--client-id", "integration", "--max-concurrency", "4",
+                                              "--surrogate-batch", "32"]).start(timeout=90)
+    assert "surrogate batch 32" in explainer.log()
+    uploads = mistakes(box, 4)
+    before = box.counted()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda u: httpx.post(
+            f"{explainer.url}/explain", files={"image": ("photo", u[0], "application/octet-stream")},
+            data={"label": u[1]}, timeout=120), uploads))
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    bodies = [a.json() for a in answers]
+    assert sum(b["queries"] for b in bodies) == box.counted() - before
+    assert any(b["success"] for b in bodies)
+    for body, (_, label, size) in zip(bodies, uploads, strict=True):
+        assert (body["width"], body["height"]) == size
+        if body["success"]:
+            assert body["linf"] <= body["max_linf"]
+            assert box.predict(base64.b64decode(body["images"]["adversarial"])) == label
+
+
 def test_distillation_and_evaluate_need_only_predict(box, tiny_models, tmp_path):
     env = {"PYTHONPATH": str(ROOT), "ADVEXPLAIN_THREADS": "1"}
     before = box.counted()
     out = tmp_path / "distilled"
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "advexplain",
-            "--threads",
-            "1",
-            "train",
-            "surrogate",
-            "--data",
-            "elpv",
-            "--epochs",
-            "8",
-            "--batch-size",
-            "8",
-            "--image-size",
-            "32",
-            "--width",
-            "0.0625",
-            "--distill-from",
-            box.url,
-            "--distill-budget",
-            "150",
-            "--out",
-            str(out),
-            "--quiet",
-        ],
+        distill_surrogate(box.url, out),
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, **env},
+        env={**os.environ, **env},
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
@@ -169,7 +172,7 @@ def test_distillation_and_evaluate_need_only_predict(box, tiny_models, tmp_path)
     done = subprocess.run([sys.executable, "-m", "advexplain", "--threads", "1", "evaluate", "--data", "elpv",
                            "--split", "validation", "--surrogate", str(tiny_models["surrogate"]), "--blackbox-url",
                            box.url, "--limit", "2", "--quiet", "--out", str(report)],
-                          capture_output=True, text=True, env={**__import__("os").environ, **env}, timeout=600)
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((report / "metrics.json").read_text())
     lines = [json.loads(line) for line in (report / "explanations.jsonl").read_text().splitlines()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from advexplain.shared.distill import distill_labels, is_one_hot
 from advexplain.shared.errors import InvalidInput
 from advexplain.shared.models import ModelConfig
 from advexplain.shared.training import train_model
+from tests.commands import distill_surrogate
 
 
 class BrightnessBox:
@@ -94,33 +94,7 @@ def test_soft_and_hard_targets_both_train(label_only):
 def test_cli_records_distillation(tiny_models, tmp_path: Path):
     out = tmp_path / "distilled"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "advexplain",
-            "--threads",
-            "1",
-            "train",
-            "surrogate",
-            "--data",
-            "elpv",
-            "--epochs",
-            "8",
-            "--batch-size",
-            "8",
-            "--image-size",
-            "32",
-            "--width",
-            "0.0625",
-            "--distill-from",
-            str(tiny_models["blackbox"]),
-            "--distill-budget",
-            "150",
-            "--distill-label-only",
-            "--out",
-            str(out),
-            "--quiet",
-        ],
+        distill_surrogate(str(tiny_models["blackbox"]), out, "--distill-label-only"),
         capture_output=True,
         text=True,
         timeout=300,
