@@ -82,8 +82,8 @@ def measure(images: Sequence[torch.Tensor], labels: Sequence[int], blackbox: Loc
             surrogate: LocalClassifier, concurrency: Sequence[int], per_thread: int = 8,
             log: Callable[..., None] | None = None) -> list[dict]:
     """explanations/s separate vs batched at each concurrency; one row each, logged as it comes."""
-    for p in list(surrogate.model.parameters()) + list(blackbox.model.parameters()):
-        p.requires_grad_(False)  # as in the service: no search toggles shared networks
+    surrogate.freeze()  # as the explainer serves it: shared by concurrent searches
+    blackbox.freeze()
     rows = []
     # Warm-up (allocator, kernels) so that the first measured mode is not charged for it.
     _run(images, labels, surrogate, blackbox, 1, min(2, len(images)))

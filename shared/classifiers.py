@@ -54,6 +54,13 @@ class LocalClassifier:
         ckpt: Checkpoint = load_checkpoint(path, device=device)
         return cls(ckpt.model, ckpt.classes, label_only=label_only)
 
+    def freeze(self) -> LocalClassifier:
+        """Freeze the network's parameters for good (a served network: input gradients only). Then
+        concurrent searches' `no_side_effects` save and restore the same flags, so they cannot race."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

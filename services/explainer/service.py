@@ -88,7 +88,8 @@ def load_surrogate(settings: ExplainerSettings) -> GradientSource:
     with `surrogate_batch` > 0 each network is shared through a BatchedSurrogate (close with
     `close_surrogate`)."""
     device = str(settings.torch_device)
-    members: list = [LocalClassifier.from_checkpoint(path, device=device) for path in settings.surrogate]
+    # Frozen: concurrent searches share these networks and take input gradients only.
+    members: list = [LocalClassifier.from_checkpoint(path, device=device).freeze() for path in settings.surrogate]
     if settings.surrogate_batch > 0:
         members = [BatchedSurrogate(m, max_batch=settings.surrogate_batch) for m in members]
     return members[0] if len(members) == 1 else EnsembleSurrogate(members)

@@ -156,10 +156,7 @@ def max_levels(max_linf: float) -> int:
 
 
 def source_device(source: GradientSource, default: torch.device) -> torch.device:
-    """The device of a gradient source's networks: its `device` attribute, else its first parameter's."""
-    device = getattr(source, "device", None)
-    if isinstance(device, torch.device):
-        return device
+    """The device of a gradient source's networks (its first parameter's), else `default`."""
     for module in source.modules():
         for parameter in module.parameters():
             return parameter.device

@@ -69,12 +69,11 @@ class _NetworkPass(torch.autograd.Function):
 class BatchedSurrogate:
     """A GradientSource over one network, safe to share between threads, batching their passes.
 
-    surrogate: the LocalClassifier to wrap; its network is put in eval mode and its parameters
-    frozen for good (the wrapper owns it: `modules()` is empty, so searches do not toggle it from
-    several threads). max_batch: the most images in one pass; a submission larger than that runs
-    alone. Call `close()` (or use it as a context manager) to stop the batching thread.
-    `passes` and `images` count the network passes and the images they held (mean batch size =
-    images / passes).
+    surrogate: the LocalClassifier to wrap; its network is put in eval mode and frozen for good
+    (`LocalClassifier.freeze`), so the searches' own eval/freeze toggles change nothing.
+    max_batch: the most images in one pass; a submission larger than that runs alone. Call
+    `close()` (or use it as a context manager) to stop the batching thread. `passes` and `images`
+    count the network passes and the images they held (mean batch size = images / passes).
     """
 
     def __init__(self, surrogate: LocalClassifier, max_batch: int = DEFAULT_MAX_BATCH) -> None:
@@ -83,9 +82,7 @@ class BatchedSurrogate:
         self.surrogate = surrogate
         self.classes = surrogate.classes
         self.max_batch = max_batch
-        self.model: nn.Module = surrogate.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model: nn.Module = surrogate.freeze().model.eval()
         self.passes = 0
         self.images = 0
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
@@ -109,11 +106,7 @@ class BatchedSurrogate:
         return self.surrogate.predict_proba(x)
 
     def modules(self) -> list[nn.Module]:
-        return []
-
-    @property
-    def device(self) -> torch.device:
-        return self.surrogate.device
+        return [self.model]
 
     # Batching ----------------------------------------------------------------------------------
     def _objective(self, x: torch.Tensor, objective: Objective, cls: int) -> torch.Tensor:

@@ -242,11 +242,14 @@ def test_explainer_serves_max_concurrency_explanations_at_once(box, explainer_se
 
     async def main():
         async with app.router.lifespan_context(app):
+            network = app.state.explainer.surrogate.model
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://explainer") as http:
-                return await asyncio.gather(*(http.post("/explain", **form) for _ in range(2)))
+                return network, await asyncio.gather(*(http.post("/explain", **form) for _ in range(2)))
 
-    results = asyncio.run(main())
+    network, results = asyncio.run(main())
     assert [r.status_code for r in results] == [200, 200] and peak[0] == 2
+    # Served networks are frozen, so overlapping searches' save-and-restore cannot leave them trainable.
+    assert not network.training and not any(p.requires_grad for p in network.parameters())
 
 
 def test_concurrent_explanations_share_batched_surrogate_passes(box, explainer_settings, tiny_models):
