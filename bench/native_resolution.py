@@ -128,7 +128,8 @@ def load_setup(args) -> Setup:
             "box_val_accuracy": bb.meta.metrics.get("val_accuracy"),
             "box_input": f"{bb.meta.image_size}x{bb.meta.image_size} squash (bilinear, antialiased)",
         }
-    members = [LocalClassifier.from_checkpoint(path) for path in surrogate_paths]
+    # Frozen, as the explainer serves them (folded BatchNorm, channels-last on the CPU).
+    members = [LocalClassifier.from_checkpoint(path).freeze() for path in surrogate_paths]
     surrogate = members[0] if len(members) == 1 else EnsembleSurrogate(members)
     photos, labels, classes, paths = _photos(data, args.split)
     if tuple(classes) != tuple(surrogate.classes):
@@ -152,7 +153,8 @@ def load_setup(args) -> Setup:
     )
     return Setup(args.box, oracle, surrogate, [photos[i] for i in wrong], [labels[i] for i in wrong], predicted,
                  [paths[i] for i in wrong], probabilities, network_for, gradcam_layer,
-                 whitebox_source=None if args.box == "thirdparty" else network, meta=meta)
+                 whitebox_source=None if args.box == "thirdparty" else LocalClassifier(bb.model, bb.classes).freeze(),
+                 meta=meta)
 
 
 # -- our method -------------------------------------------------------------------------------------

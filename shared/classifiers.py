@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advexplain.shared.checkpoints import Checkpoint, load_checkpoint
-from advexplain.shared.models import PaperCNN
+from advexplain.shared.models import PaperCNN, fold_batchnorm
 
 
 def fit_to_size(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -48,6 +48,7 @@ class LocalClassifier:
         self.image_size = model.config.image_size
         self._lock = threading.Lock()
         self._queries = 0
+        self._frozen = False
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", label_only: bool = False) -> LocalClassifier:
@@ -55,10 +56,23 @@ class LocalClassifier:
         return cls(ckpt.model, ckpt.classes, label_only=label_only)
 
     def freeze(self) -> LocalClassifier:
-        """Freeze the network's parameters for good (a served network: input gradients only). Then
-        concurrent searches' `no_side_effects` save and restore the same flags, so they cannot race."""
-        for p in self.model.parameters():
+        """Freeze the network for good (a served network: input gradients only); idempotent.
+
+        The parameters stop requiring gradients, so concurrent searches' `no_side_effects` save and
+        restore the same flags and cannot race. The network becomes a copy with its BatchNorms folded
+        into the convs (`fold_batchnorm`: the same function up to float rounding) and, on the CPU,
+        channels-last weights; together about 1.5x faster per forward and input-gradient pass on the
+        CPU defaults (bench/results/frozen_network.json). Other wrappers of the original network keep it.
+        """
+        if self._frozen:
+            return self
+        model = fold_batchnorm(self.model)
+        if self.device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
             p.requires_grad_(False)
+        self.model = model  # type: ignore[assignment]
+        self._frozen = True
         return self
 
     @property

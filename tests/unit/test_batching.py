@@ -73,7 +73,7 @@ def test_concurrent_submissions_get_their_own_values_and_gradients(surrogate, jo
 def behind_a_held_pass(tiny_models, first: int, later: list[tuple[str, int]], **options) -> BatchedSurrogate:
     """Submit `first` images, hold that pass until every `later` (objective, images) submission is
     queued behind it, then let everything run; the closed BatchedSurrogate keeps its counts."""
-    surrogate = LocalClassifier.from_checkpoint(tiny_models["surrogate"])
+    surrogate = LocalClassifier.from_checkpoint(tiny_models["surrogate"]).freeze()  # frozen before it is wrapped
     gate = Gate(surrogate.model)
     surrogate.model = gate
     with BatchedSurrogate(surrogate, **options) as shared:
@@ -114,7 +114,7 @@ class FailsOnce(nn.Module):
 
 
 def test_an_error_reaches_the_waiting_search_and_the_batcher_goes_on(tiny_models):
-    surrogate = LocalClassifier.from_checkpoint(tiny_models["surrogate"])
+    surrogate = LocalClassifier.from_checkpoint(tiny_models["surrogate"]).freeze()
     surrogate.model = FailsOnce(surrogate.model)
     with BatchedSurrogate(surrogate) as shared:
         with pytest.raises(RuntimeError, match="device fault"):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advexplain.shared.models import MIN_FC_UNITS, ModelConfig, PaperCNN, count_parameters
+from advexplain.shared.models import MIN_FC_UNITS, ModelConfig, PaperCNN, count_parameters, fold_batchnorm
 
 
 def test_paper_width_matches_the_paper():
@@ -53,3 +53,68 @@ def test_config_rejects_nonsense():
     with pytest.raises(ValueError):
         ModelConfig(architecture="blackbox", image_size=8)
     assert ModelConfig(architecture="blackbox", image_size=16).feature_size == 1
+
+
+def _with_random_statistics(model: PaperCNN, seed: int) -> PaperCNN:
+    """Give every BatchNorm non-trivial running statistics and affine parameters, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    architecture=st.sampled_from(["blackbox", "surrogate"]),
+    image_size=st.sampled_from([16, 32, 48]),
+    width=st.sampled_from([0.03125, 0.0625, 0.125]),
+    seed=st.integers(0, 10_000),
+)
+def test_folded_batchnorm_is_the_same_function_with_the_same_input_gradient(architecture, image_size, width, seed):
+    config = ModelConfig(architecture=architecture, image_size=image_size, width=width)
+    torch.manual_seed(seed)
+    model = _with_random_statistics(PaperCNN(config), seed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2 * len(config.conv_channels)
+    x = torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for net in (model, folded):
+        xx = x.clone().requires_grad_(True)
+        out = net(xx)
+        (g,) = torch.autograd.grad(out[:, 0].sum(), xx)
+        grads.append((out.detach(), g))
+    (out_a, grad_a), (out_b, grad_b) = grads
+    scale = float(out_a.abs().max()) + 1
+    assert torch.allclose(out_a, out_b, rtol=1e-4, atol=1e-4 * scale)
+    # Relative to the gradient's own size (random statistics can make it tiny, 1e-11).
+    assert float((grad_a - grad_b).norm()) <= 1e-3 * float(grad_a.norm()) + 1e-30
+    # The original network is left as it was (other wrappers share it).
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_freeze_serves_a_folded_copy_once_and_leaves_other_wrappers_alone():
+    from advexplain.shared.classifiers import LocalClassifier
+
+    torch.manual_seed(0)
+    model = _with_random_statistics(PaperCNN(ModelConfig(architecture="surrogate", image_size=32, width=0.0625)), 0)
+    served = LocalClassifier(model, ["a", "b"])
+    other = LocalClassifier(model, ["a", "b"], label_only=True)
+    x = torch.rand(4, 3, 45, 37)
+    expected = served.logits(x).detach()
+    assert served.freeze() is served
+    network = served.model
+    assert served.freeze().model is network  # idempotent: folded once
+    assert not any(p.requires_grad for p in network.parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    assert other.model is model and all(p.requires_grad for p in model.parameters())
+    assert torch.allclose(served.logits(x), expected, atol=1e-4)
+    xx = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(served.margin(xx, 1).sum(), xx)
+    assert g.abs().sum() > 0
