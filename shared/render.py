@@ -31,9 +31,14 @@ def _lut() -> np.ndarray:
 LUT = _lut()
 
 
+# zlib level of the returned PNGs: 3 renders an explanation's four 300x300 PNGs in 29 ms instead of
+# 68 ms at 6, for 10% more bytes (bench/results/render_png.json); PNG stays lossless at every level.
+PNG_LEVEL = 3
+
+
 def png(array: np.ndarray) -> bytes:
     """(H, W, 3) uint8 -> PNG bytes (lossless)."""
-    return encode_png(array, compress_level=6)
+    return encode_png(array, compress_level=PNG_LEVEL)
 
 
 def heat(saliency: torch.Tensor | None, shape: tuple[int, int], vmax: float | None = None) -> np.ndarray:
