@@ -18,11 +18,19 @@ the same box's network (lower = the map ranks first the pixels behind the mistak
     python -m bench.native_resolution --box faces --split train --limit 60 --set grid=16 --set samples=4
 
 Tune on `--split train` (images of the training split the box gets wrong); report on validation.
+A search on an 8-bit rounding edge can go either way when the surrogate's logits move by float
+rounding (~1e-6), so one run of 60 photos moves by a photo or two on its own. `--perturb K` runs
+every setting K times, with the surrogate as loaded and with K-1 copies whose weights are jittered by
+1e-6 (relative), and pools them: compare settings on the pooled numbers.
+
+    python -m bench.native_resolution --box elpv --split train --limit 60 --perturb 3 \
+        --method margin:patience=3 --method margin:patience=2
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -159,9 +167,20 @@ def load_setup(args) -> Setup:
 
 # -- our method -------------------------------------------------------------------------------------
 
-def run_method(setup: Setup, method: str, options: dict, whitebox: bool = False):
+def jittered(source: LocalClassifier, seed: int) -> LocalClassifier:
+    """A frozen copy of `source` whose weights are multiplied by 1 + 1e-6 N(0, 1): a change of float
+    rounding's size, to see how many outcomes sit on a rounding edge (`--perturb`)."""
+    model = copy.deepcopy(source.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=g))
+    return LocalClassifier(model, source.classes).freeze()
+
+
+def run_method(setup: Setup, method: str, options: dict, whitebox: bool = False, source=None):
     """Explain every photo; white-box mode takes the box's own network as the gradient source."""
-    source = setup.whitebox_source if whitebox else setup.surrogate
+    source = source or (setup.whitebox_source if whitebox else setup.surrogate)
     out = []
     for x, y in zip(setup.photos, setup.labels):
         before = setup.oracle.queries
@@ -272,13 +291,20 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="key=value option for every method run (JSON value)")
     p.add_argument("--maps", action="store_true", help="also deletion AUC of our maps against Captum's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturb", type=int, default=1,
+                   help="run every setting this many times: as loaded, then with the gradient source's weights "
+                        "jittered by 1e-6 (seeds 1..K-1); results pooled")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.perturb < 1 or (args.perturb > 1 and args.maps):
+        raise SystemExit("--perturb takes K >= 1, and --maps only without it")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 
     started = time.perf_counter()
     setup = load_setup(args)
+    if args.perturb > 1 and not isinstance(setup.surrogate, LocalClassifier):
+        raise SystemExit("--perturb jitters one surrogate: not an ensemble")
     common_options = parse_sets(args.set)
     specs = args.method or ["margin", "margin-linf", "paper", "paper:max_linf=1.0"]
     rows, runs = [], {}
@@ -288,11 +314,14 @@ def main(argv=None) -> int:
         method = method.removeprefix("whitebox-")
         options = {**common_options, **parse_sets([kv for kv in extra.split(";") if kv])}
         resolved = method_options(method, **options).model_dump()
-        results = run_method(setup, method, options, whitebox=white)
+        results, tags = [], []
+        for k in range(args.perturb):
+            source = None if k == 0 else jittered(setup.whitebox_source if white else setup.surrogate, k)
+            results += run_method(setup, method, options, whitebox=white, source=source)
+            tags += [{"path": path, "perturbation": k} for path in setup.paths]
         s = summary(results)
         runs[spec] = {"method": method, "mode": "whitebox" if white else "blackbox", "options": resolved, "summary": s,
-                      "rows": [r.to_dict() | {"path": path}
-                               for r, path in zip(results, setup.paths)],
+                      "rows": [r.to_dict() | tag for r, tag in zip(results, tags)],
                       "_results": results}
         rows.append(
             [
@@ -338,6 +367,7 @@ def main(argv=None) -> int:
     write_json(out, {
         "benchmark": "native_resolution", "box": args.box,
         "config": {**setup.meta, "seed": args.seed, "limit": args.limit, "set": common_options,
+                   "perturb": args.perturb,
                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                    "torch": torch.__version__, "machine": platform.machine(),
                    "wall_seconds": time.perf_counter() - started,

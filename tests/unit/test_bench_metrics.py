@@ -107,3 +107,23 @@ def test_counting_network_counts_every_image_and_hides_scores():
     assert set(out.unique().tolist()) <= {0.0, 1.0} and torch.equal(out.sum(1), torch.ones(7))
     scores = CountingNetwork(RegionModel(), label_only=False)(torch.rand(3, 3, 16, 16))
     assert torch.allclose(scores.sum(1), torch.ones(3)) and not set(scores.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_perturbed_surrogates_for_tuning_move_weights_by_rounding_size_only():
+    from advexplain.shared.classifiers import LocalClassifier
+    from advexplain.shared.models import ModelConfig, PaperCNN
+    from bench.native_resolution import jittered
+
+    torch.manual_seed(0)
+    source = LocalClassifier(PaperCNN(ModelConfig(architecture="surrogate", image_size=32, width=0.0625)), ["a", "b"])
+    source.freeze()
+    copies = [jittered(source, seed) for seed in (1, 2)]
+    x = torch.rand(3, 3, 40, 40)
+    base = source.logits(x).detach()
+    for copy in copies:
+        assert copy is not source and not any(p.requires_grad for p in copy.model.parameters())
+        ratios = [(q / p)[p != 0] - 1 for p, q in zip(source.model.parameters(), copy.model.parameters())]
+        moved = torch.cat([r.flatten() for r in ratios]).abs()
+        assert 0 < float(moved.max()) < 1e-5 and float(moved.mean()) > 1e-8  # every weight moved, by ~1e-6
+        assert torch.allclose(copy.logits(x), base, atol=1e-4)
+    assert not torch.equal(copies[0].logits(x), copies[1].logits(x))  # seeds differ
