@@ -311,6 +311,12 @@ def main() -> int:
     our_busy = sum(t for pid, (_, t) in ticks_after.items() if pid in ours) - \
         sum(t for pid, (_, t) in ticks_before.items() if pid in ours)
     busy = busy_after - busy_before
+
+    def role_cpu_s(tree: list[int]) -> float:
+        return sum(ticks_after.get(pid, ("", 0))[1] - ticks_before.get(pid, ("", 0))[1] for pid in tree) / TICKS
+
+    services_cpu = {name: role_cpu_s(tree) for name, tree in pids.items()}
+    per_role = {**services_cpu, "clients (this process)": our_busy / TICKS - sum(services_cpu.values())}
     summary = {
         "benchmark": "load",
         "explanations": len(ok), "attempts": len(attempts), "refused_503": len(refused), "errors": len(errors),
@@ -340,6 +346,7 @@ def main() -> int:
         "machine_during_run": {
             "cpu_busy_s_all": busy / TICKS, "cpu_busy_s_this_benchmark": our_busy / TICKS,
             "cpu_busy_s_others": (busy - our_busy) / TICKS, "cpu_capacity_s": wall * (os.cpu_count() or 1),
+            "cpu_s_per_explanation_by_role": {k: v / max(len(ok), 1) for k, v in per_role.items()},
             "top_other_processes": others(ticks_before, ticks_after, ours),
             "loadavg_before": load_before, "loadavg_after": load_after,
         },
@@ -396,6 +403,10 @@ def main() -> int:
             "CPU seconds: this benchmark / others / capacity",
             f"{machine['cpu_busy_s_this_benchmark']:.0f} / "
             f"{machine['cpu_busy_s_others']:.0f} / {machine['cpu_capacity_s']:.0f}",
+        ),
+        (
+            "CPU seconds per explanation: " + " / ".join(machine["cpu_s_per_explanation_by_role"]),
+            " / ".join(f"{v:.3f}" for v in machine["cpu_s_per_explanation_by_role"].values()),
         ),
         ("/healthz after, tracebacks in logs", f"{healthy}, {tracebacks}"),
     ]
