@@ -8,6 +8,7 @@ Every image here is a (C, H, W) or (N, C, H, W) float tensor in [0, 1]; every ma
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -241,6 +242,17 @@ def _clean(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def jitter_weights(model: torch.nn.Module, seed: int, scale: float = 1e-6) -> torch.nn.Module:
+    """A copy of `model` whose every weight is multiplied by 1 + scale * N(0, 1) (seeded): a change of
+    float rounding's size, to see how many outcomes sit on a rounding edge."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(1 + scale * torch.randn(p.shape, generator=g))
+    return out
 
 
 def write_json(path: Path, payload: dict) -> None:

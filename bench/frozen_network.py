@@ -36,7 +36,7 @@ from advexplain.shared.data import load_photos
 from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import explain, method_options
 from advexplain.shared.models import fold_batchnorm
-from bench.common import fmt, markdown_table, write_json
+from bench.common import fmt, jitter_weights, markdown_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,15 +80,6 @@ def logit_difference(models: dict[str, torch.nn.Module], photos: list[torch.Tens
     with torch.no_grad():
         ref = models["as loaded"](batch)
         return {name: float((m(batch) - ref).abs().max()) for name, m in models.items() if name != "as loaded"}
-
-
-def jittered(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=g))
-    return out
 
 
 def main(argv=None) -> int:
@@ -151,7 +142,7 @@ def main(argv=None) -> int:
             outcomes[name] = [(r.success, r.search_queries, round((r.linf or 0) * 255)) for r in res]
             print(name, rnd, fmt(seconds[name][-1], ".3f"), "s/expl", flush=True)
     for seed in (1, 2, 3):
-        source = LocalClassifier(jittered(loaded.model, seed), sur.classes)
+        source = LocalClassifier(jitter_weights(loaded.model, seed), sur.classes)
         oracle = LocalClassifier(bb.model, bb.classes, label_only=True)
         res = [explain(images[i], elpv.labels[i], source, oracle, "margin") for i in chosen]
         outcomes[f"as loaded, weights x (1 + 1e-6 N(0,1)), seed {seed}"] = [

@@ -30,7 +30,6 @@ every setting K times, with the surrogate as loaded and with K-1 copies whose we
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -49,7 +48,7 @@ from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.pixels import quantise
 from advexplain.shared.saliency import pixel_magnitude, saliency_map
-from bench.common import RESULTS, auc, fmt, gaussian_blur, markdown_table, rank_order, write_json
+from bench.common import RESULTS, auc, fmt, gaussian_blur, jitter_weights, markdown_table, rank_order, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = [i / 32 for i in range(33)]
@@ -168,14 +167,8 @@ def load_setup(args) -> Setup:
 # -- our method -------------------------------------------------------------------------------------
 
 def jittered(source: LocalClassifier, seed: int) -> LocalClassifier:
-    """A frozen copy of `source` whose weights are multiplied by 1 + 1e-6 N(0, 1): a change of float
-    rounding's size, to see how many outcomes sit on a rounding edge (`--perturb`)."""
-    model = copy.deepcopy(source.model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=g))
-    return LocalClassifier(model, source.classes).freeze()
+    """A frozen copy of `source` with its weights jittered by 1e-6 (`--perturb`)."""
+    return LocalClassifier(jitter_weights(source.model, seed), source.classes).freeze()
 
 
 def run_method(setup: Setup, method: str, options: dict, whitebox: bool = False, source=None):
