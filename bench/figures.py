@@ -45,7 +45,7 @@ def main() -> int:
         mistakes = find_mistakes(lambda x: int(network.logits(x.unsqueeze(0)).argmax()), images, photos.labels)
 
     # The first mistake (in split order) the default explains; the ones before it failed and are counted.
-    source = LocalClassifier(surrogate.model, surrogate.classes)
+    source = LocalClassifier(surrogate.model, surrogate.classes).freeze()  # frozen, as the explainer serves it
     failed_before = 0
     for index, _ in mistakes:
         result = explain(images[index], photos.labels[index], source, oracle)
