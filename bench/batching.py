@@ -83,7 +83,7 @@ def measure(images: Sequence[torch.Tensor], labels: Sequence[int], blackbox: Loc
             log: Callable[..., None] | None = None) -> list[dict]:
     """explanations/s separate vs batched at each concurrency; one row each, logged as it comes."""
     surrogate.freeze()  # as the explainer serves it: shared by concurrent searches
-    blackbox.freeze()
+    blackbox.freeze(fold=False)  # the oracle: exactly the model as trained
     rows = []
     # Warm-up (allocator, kernels) so that the first measured mode is not charged for it.
     _run(images, labels, surrogate, blackbox, 1, min(2, len(images)))

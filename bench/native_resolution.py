@@ -158,10 +158,11 @@ def load_setup(args) -> Setup:
             else None,
         }
     )
+    # The white box as the explainer serves it: not folded (it is its own oracle there).
+    whitebox = None if args.box == "thirdparty" else LocalClassifier(bb.model, bb.classes).freeze(fold=False)
     return Setup(args.box, oracle, surrogate, [photos[i] for i in wrong], [labels[i] for i in wrong], predicted,
                  [paths[i] for i in wrong], probabilities, network_for, gradcam_layer,
-                 whitebox_source=None if args.box == "thirdparty" else LocalClassifier(bb.model, bb.classes).freeze(),
-                 meta=meta)
+                 whitebox_source=whitebox, meta=meta)
 
 
 # -- our method -------------------------------------------------------------------------------------

@@ -55,20 +55,26 @@ class LocalClassifier:
         ckpt: Checkpoint = load_checkpoint(path, device=device)
         return cls(ckpt.model, ckpt.classes, label_only=label_only)
 
-    def freeze(self) -> LocalClassifier:
+    def freeze(self, fold: bool = True) -> LocalClassifier:
         """Freeze the network for good (a served network: input gradients only); idempotent.
 
         The parameters stop requiring gradients, so concurrent searches' `no_side_effects` save and
-        restore the same flags and cannot race. The network becomes a copy with its BatchNorms folded
-        into the convs (`fold_batchnorm`: the same function up to float rounding) and, on the CPU,
-        channels-last weights; together about 1.5x faster per forward and input-gradient pass on the
-        CPU defaults (bench/results/frozen_network.json). Other wrappers of the original network keep it.
+        restore the same flags and cannot race. With `fold` (for gradient sources: the surrogates)
+        the network becomes a copy with its BatchNorms folded into the convs (`fold_batchnorm`: the
+        same function up to float rounding) and, on the CPU, channels-last weights; together about
+        1.5x faster per forward and input-gradient pass on the CPU defaults
+        (bench/results/frozen_network.json). Other wrappers of the original network keep it.
+        Without `fold` (a network that is also the oracle, as the white box is) it computes exactly
+        what the served model computes: a rounding-size difference would turn a white-box success
+        at its 1e-3 margin into an image the served model still gets wrong.
         """
         if self._frozen:
             return self
-        model = fold_batchnorm(self.model)
-        if self.device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last)
+        model = self.model
+        if fold:
+            model = fold_batchnorm(model)
+            if self.device.type == "cpu":
+                model = model.to(memory_format=torch.channels_last)
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model  # type: ignore[assignment]

@@ -118,3 +118,16 @@ def test_freeze_serves_a_folded_copy_once_and_leaves_other_wrappers_alone():
     xx = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(served.margin(xx, 1).sum(), xx)
     assert g.abs().sum() > 0
+
+
+def test_freeze_without_folding_computes_exactly_what_the_served_model_computes():
+    from advexplain.shared.classifiers import LocalClassifier
+
+    torch.manual_seed(1)
+    model = _with_random_statistics(PaperCNN(ModelConfig(architecture="blackbox", image_size=32, width=0.0625)), 1)
+    served = LocalClassifier(model, ["a", "b"])
+    x = torch.rand(5, 3, 40, 33)
+    expected = served.logits(x).detach()
+    oracle = LocalClassifier(model, ["a", "b"]).freeze(fold=False)
+    assert oracle.model is model and not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(oracle.logits(x), expected)  # bit for bit: the white box is its own oracle
