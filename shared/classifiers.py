@@ -70,7 +70,7 @@ class LocalClassifier:
         """
         if self._frozen:
             return self
-        model = self.model
+        model: nn.Module = self.model
         if fold:
             model = fold_batchnorm(model)
             if self.device.type == "cpu":
