@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 from advexplain.shared.classifiers import LocalClassifier
-from advexplain.shared.data import load_photos
 from advexplain.shared.devices import pick_device
-from advexplain.shared.evaluation import find_mistakes, percentile
+from advexplain.shared.evaluation import percentile
 from advexplain.shared.explain import explain
 from advexplain.shared.explain.batching import BatchedSurrogate
+from bench.common import photo_mistakes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -150,13 +150,7 @@ def main() -> int:
     device = pick_device(args.device)
     blackbox = LocalClassifier.from_checkpoint(args.blackbox, device=str(device))
     surrogate = LocalClassifier.from_checkpoint(args.surrogate, device=str(device))
-    photos = load_photos(args.data, args.split)
-    with torch.no_grad():
-        wrong = find_mistakes(lambda x: int(blackbox.logits(x.unsqueeze(0)).argmax()),
-                              [photos.image(i) for i in range(len(photos))], photos.labels)
-    wrong = wrong[: args.limit]
-    images = [photos.image(i) for i, _ in wrong]
-    labels = [photos.labels[i] for i, _ in wrong]
+    images, labels = photo_mistakes(blackbox, args.data, args.split, args.limit)
     rows = measure(images, labels, blackbox, surrogate, args.concurrency, args.per_thread,
                    log=lambda **e: print(json.dumps(e), flush=True))
     out = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

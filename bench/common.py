@@ -24,7 +24,8 @@ from torchvision.transforms.v2.functional import gaussian_blur as blur
 
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier
-from advexplain.shared.data import load_images
+from advexplain.shared.data import load_images, load_photos
+from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import explain
 from advexplain.shared.saliency import pixel_magnitude
 
@@ -242,6 +243,18 @@ def _clean(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def photo_mistakes(network: LocalClassifier, data: str, split: str,
+                   limit: int | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """The photos of a split, at their own size and in split order, that `network` gets wrong (the
+    first `limit`), with their true labels; screening by logits counts no query."""
+    photos = load_photos(data, split)
+    images = [photos.image(i) for i in range(len(photos))]
+    with torch.no_grad():
+        wrong = find_mistakes(lambda x: int(network.logits(x.unsqueeze(0)).argmax()), images, photos.labels)
+    wrong = wrong[:limit] if limit is not None else wrong
+    return [images[i] for i, _ in wrong], [photos.labels[i] for i, _ in wrong]
 
 
 def jitter_weights(model: torch.nn.Module, seed: int, scale: float = 1e-6) -> torch.nn.Module:

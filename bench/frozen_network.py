@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.data import load_photos
-from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import explain, method_options
+from advexplain.shared.explain.margin import Views
 from advexplain.shared.models import fold_batchnorm
-from bench.common import fmt, jitter_weights, markdown_table, write_json
+from bench.common import fmt, jitter_weights, markdown_table, photo_mistakes, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-WORK = 128  # the margin search's working size (Views.WORK_SIDE)
+WORK = Views.WORK_SIDE  # the margin search's working size
 
 
 def variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -121,10 +121,7 @@ def main(argv=None) -> int:
 
     # Part 2: whole explanations, the surrogate as loaded vs frozen (+ the rounding-size control).
     bb = load_checkpoint(ROOT / "models" / "blackbox")
-    screen = LocalClassifier(bb.model, bb.classes)
-    images = [elpv.image(i) for i in range(len(elpv))]
-    mistakes = find_mistakes(lambda x: int(screen.predict_proba(x.unsqueeze(0)).argmax(1)), images, elpv.labels)
-    chosen = [i for i, _ in mistakes[: args.photos]]
+    images, labels = photo_mistakes(LocalClassifier(bb.model, bb.classes), "elpv", "train", args.photos)
     sur = load_checkpoint(ROOT / "models" / "surrogate")
     loaded = LocalClassifier(sur.model, sur.classes)
     for q in loaded.model.parameters():
@@ -137,14 +134,14 @@ def main(argv=None) -> int:
         for name, source in sources.items():
             oracle = LocalClassifier(bb.model, bb.classes, label_only=True)
             t = time.perf_counter()
-            res = [explain(images[i], elpv.labels[i], source, oracle, "margin") for i in chosen]
-            seconds[name].append((time.perf_counter() - t) / len(chosen))
+            res = [explain(x, y, source, oracle, "margin") for x, y in zip(images, labels)]
+            seconds[name].append((time.perf_counter() - t) / len(images))
             outcomes[name] = [(r.success, r.search_queries, round((r.linf or 0) * 255)) for r in res]
             print(name, rnd, fmt(seconds[name][-1], ".3f"), "s/expl", flush=True)
     for seed in (1, 2, 3):
         source = LocalClassifier(jitter_weights(loaded.model, seed), sur.classes)
         oracle = LocalClassifier(bb.model, bb.classes, label_only=True)
-        res = [explain(images[i], elpv.labels[i], source, oracle, "margin") for i in chosen]
+        res = [explain(x, y, source, oracle, "margin") for x, y in zip(images, labels)]
         outcomes[f"as loaded, weights x (1 + 1e-6 N(0,1)), seed {seed}"] = [
             (r.success, r.search_queries, round((r.linf or 0) * 255)) for r in res]
     ref = outcomes["as loaded"]
@@ -172,7 +169,7 @@ def main(argv=None) -> int:
         "command": "python -m bench.frozen_network",
         "gradient_pass": {"samples": args.samples, "working_size": WORK, "rounds": args.rounds, "reps": args.reps,
                           "checkpoints": passes, "table": pass_table},
-        "explanations": {"data": "elpv train, first mistakes of models/blackbox", "photos": len(chosen),
+        "explanations": {"data": "elpv train, first mistakes of models/blackbox", "photos": len(images),
                          "method": "margin (default), black-box, label-only box", "results": search,
                          "speedup_loaded_over_frozen": speedup, "table": search_table},
         "meta": {"torch": torch.__version__, "python": platform.python_version(), "threads": 1,

@@ -22,12 +22,9 @@ import torch
 from advexplain.shared import render
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier
-from advexplain.shared.data import load_photos
-from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import explain
-from advexplain.shared.pixels import encode_png
 from advexplain.shared.saliency import saliency_map
-from bench.common import fmt, markdown_table, write_json
+from bench.common import fmt, markdown_table, photo_mistakes, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,29 +39,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    elpv = load_photos("elpv", "train")
     bb = load_checkpoint(ROOT / "models" / "blackbox")
     oracle = LocalClassifier(bb.model, bb.classes, label_only=True)
     surrogate = LocalClassifier.from_checkpoint(ROOT / "models" / "surrogate").freeze()
-    images = [elpv.image(i) for i in range(len(elpv))]
-    mistakes = find_mistakes(lambda x: int(oracle.predict_proba(x.unsqueeze(0)).argmax(1)), images, elpv.labels)
-    results = [explain(images[i], elpv.labels[i], surrogate, oracle, "margin") for i, _ in mistakes[: args.photos]]
+    images, labels = photo_mistakes(LocalClassifier(bb.model, bb.classes), "elpv", "train", args.photos)
+    results = [explain(x, y, surrogate, oracle, "margin") for x, y in zip(images, labels)]
     maps = [None if r.perturbation is None else saliency_map(r.perturbation) for r in results]
 
     ms: dict[int, list[float]] = {lvl: [] for lvl in args.levels}
     sizes: dict[int, dict[str, list[int]]] = {lvl: {} for lvl in args.levels}
-    default_png = render.png
+    default_level = render.PNG_LEVEL
     try:
         for _ in range(args.rounds):
             for lvl in args.levels:
-                render.png = lambda a, lvl=lvl: encode_png(a, compress_level=lvl)  # type: ignore[misc]
+                render.PNG_LEVEL = lvl  # render.png reads it at each call
                 t = time.perf_counter()
                 for r, m in zip(results, maps):
                     for name, data in render.render_explanation(r, m).items():
                         sizes[lvl].setdefault(name, []).append(len(data))
                 ms[lvl].append((time.perf_counter() - t) / len(results) * 1000)
     finally:
-        render.png = default_png
+        render.PNG_LEVEL = default_level
     rows, out = [], {}
     for lvl in args.levels:
         mean_bytes = {name: float(np.mean(v)) for name, v in sizes[lvl].items()}

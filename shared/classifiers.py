@@ -56,7 +56,8 @@ class LocalClassifier:
         return cls(ckpt.model, ckpt.classes, label_only=label_only)
 
     def freeze(self, fold: bool = True) -> LocalClassifier:
-        """Freeze the network for good (a served network: input gradients only); idempotent.
+        """Freeze the network for good (a served network: eval mode, input gradients only); idempotent
+        (the first call decides whether it is folded).
 
         The parameters stop requiring gradients, so concurrent searches' `no_side_effects` save and
         restore the same flags and cannot race. With `fold` (for gradient sources: the surrogates)
@@ -70,7 +71,7 @@ class LocalClassifier:
         """
         if self._frozen:
             return self
-        model: nn.Module = self.model
+        model: nn.Module = self.model.eval()
         if fold:
             model = fold_batchnorm(model)
             if self.device.type == "cpu":

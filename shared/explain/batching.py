@@ -82,7 +82,7 @@ class BatchedSurrogate:
         self.surrogate = surrogate
         self.classes = surrogate.classes
         self.max_batch = max_batch
-        self.model: nn.Module = surrogate.freeze().model.eval()
+        self.model: nn.Module = surrogate.freeze().model
         self.passes = 0
         self.images = 0
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
