@@ -81,6 +81,7 @@ class BatchedSurrogate:
             raise ValueError("max_batch must be at least 1")
         self.surrogate = surrogate
         self.classes = surrogate.classes
+        self.image_size = surrogate.image_size
         self.max_batch = max_batch
         self.model: nn.Module = surrogate.freeze().model
         self.passes = 0

@@ -38,6 +38,10 @@ class EnsembleSurrogate:
             raise InvalidInput("ensemble members disagree on the classes")
         self.members = members
         self.classes = classes.pop()
+        sides = [getattr(m, "image_size", None) for m in members]
+        ints = [n for n in sides if isinstance(n, int)]
+        # The largest input any member resizes to (None when a member does not say).
+        self.image_size: int | None = max(ints) if len(ints) == len(sides) else None
 
     def margin(self, x: torch.Tensor, goal: int) -> torch.Tensor:
         return torch.stack([m.margin(x, goal) for m in self.members]).sum(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from advexplain.shared.explain import (
     explain,
 )
 from advexplain.shared.explain.base import no_side_effects, value_and_grad
-from advexplain.shared.explain.margin import budget_schedule, upsample
+from advexplain.shared.explain.margin import MarginOptions, MarginSearch, Views, budget_schedule, input_side, upsample
 from advexplain.shared.pixels import quantise
 
 # elpv cells are 300 x 300: a crop of 300 x 240 keeps every test on a non-square photo.
@@ -379,3 +380,73 @@ def test_upsampled_change_never_exceeds_its_grid(h, w, gh, gw, seed):
     z = torch.randn(3, gh, gw, generator=torch.Generator().manual_seed(seed))
     out = upsample(z, h, w)
     assert out.shape == (3, h, w) and float(out.abs().max()) <= float(z.abs().max()) + 1e-6
+
+
+@given(h=st.integers(8, 600), w=st.integers(8, 600), side=st.one_of(st.none(), st.integers(16, 256)))
+def test_working_size_keeps_the_aspect_and_enough_for_the_surrogate_and_the_largest_view(h, w, side):
+    o = MarginOptions()
+    work = Views(torch.zeros(3, h, w), o, torch.Generator(), side=side).work
+    assert work[0] <= max(8, h) and work[1] <= max(8, w), "never above the photo's own size"
+    assert max(work) <= max(Views.WORK_SIDE, 8) + 1
+    if min(work) > 8:  # (a side is never below 8 pixels, whatever the aspect)
+        assert abs(work[0] / work[1] - h / w) <= 2 / min(work) * max(1.0, h / w), "the aspect is kept"
+    need = max(side or 0, o.view_sizes[1])
+    if max(h, w) * need / min(h, w) <= Views.WORK_SIDE:  # the long-side cap does not bind
+        assert min(work) >= min(min(h, w), need) - 1
+
+
+def test_input_side_of_one_surrogate_an_ensemble_and_an_unknown_source(setting, tiny_models):
+    surrogate = setting["surrogate"]
+    assert input_side(surrogate) == surrogate.image_size
+    assert input_side(EnsembleSurrogate([surrogate, surrogate])) == surrogate.image_size
+    assert input_side(SimpleNamespace(classes=("a", "b"))) is None
+
+
+def test_gradient_at_the_working_size_is_the_photo_size_gradient(setting):
+    """The search's gradient path starts at the working size; the value is exactly that of the 8-bit
+    candidate at the photo's size, and the gradient points where the photo-size path's does."""
+    image, label = image_of(setting, setting["wrong"][0])
+    surrogate = setting["surrogate"]
+    o = MarginOptions()
+    s = SimpleNamespace(image=image, goal=label, gradient_source=surrogate, snap=quantise, options=o)
+    shape = MarginSearch._grid_shape(image, o.grid)
+    h, w = image.shape[-2:]
+    for seed in range(3):
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 6 / 255
+
+        def views(seed=seed):
+            return Views(image, o, torch.Generator().manual_seed(seed), side=input_side(surrogate))
+
+        value, grad = MarginSearch()._margin_and_grad(s, z, views())  # type: ignore[arg-type]
+        v = views()
+        assert v.work != (h, w), "the photo must be larger than the working size for this test"
+        zz = z.clone().requires_grad_(True)
+        x = image + upsample(zz, h, w)
+        x = x + (quantise(x) - x).detach()
+        margins = surrogate.margin(v(v.to_work(x)), label)
+        (reference,) = torch.autograd.grad(margins.mean(), zz)
+        assert math.isclose(value, float(margins.detach().mean()), rel_tol=1e-5, abs_tol=1e-5)
+        cosine = float(torch.nn.functional.cosine_similarity(grad.flatten(), reference.flatten(), dim=0))
+        assert cosine > 0.99, cosine
+
+
+@pytest.mark.parametrize("whitebox", [False, True])
+def test_a_grey_photo_gets_a_grey_change_and_a_colour_photo_may_not(setting, whitebox):
+    oracle = fresh_oracle(setting)
+    source = oracle if whitebox else setting["surrogate"]
+    explained = []
+    for i in setting["wrong"]:
+        image, label = image_of(setting, i)
+        assert torch.equal(image, image[:1].expand_as(image)), "elpv cells are grey"
+        result = explain(image, label, source, oracle, whitebox=whitebox)
+        if result.success:
+            explained.append(i)
+            assert torch.equal(result.adversarial, result.adversarial[:1].expand_as(result.adversarial))
+    assert explained, "no success to check"
+    # The same photo tinted (channels apart): the change is free to differ between channels.
+    image, label = image_of(setting, explained[0])
+    tinted = quantise(image * torch.tensor([1.0, 0.97, 0.94])[:, None, None])
+    result = explain(tinted, label, source, oracle, whitebox=whitebox)
+    assert result.success, result.trace
+    change = result.adversarial - tinted
+    assert not torch.equal(change, change[:1].expand_as(change))
