@@ -7,6 +7,13 @@ same; the paper thresholds "the pixel" without saying how channels combine). Mag
 interpolation, numpy's default) come from every pixel of every non-NIL perturbation of a batch
 (`saliency_maps`, the paper's batch mode) or of the one image (`saliency_map`, single mode).
 
+An empty map explains nothing, and the paper's fence can pass every change: a change pinned at
+its L-inf budget puts more than a quarter of its pixels at the maximum, so q3 is the maximum and
+q3 + tau * iqr lies above it. In single mode (the services) such a map keeps the largest changes
+instead (those within half an 8-bit level of the maximum), boosted by `beta`; whenever the
+paper's map keeps any pixel it is returned unchanged. Batch mode stays the paper's: there the
+fence is a common scale, and a map below it says its change was small next to the others.
+
 Defaults (the paper needs tau > 0 and beta > 1 and gives no values): tau = 0.5. Tukey's fence
 (1.5) finds outliers in heavy-tailed changes such as the paper's eps * gradient, but the default
 search draws its change on a coarse grid so that it survives a box's resizing, and such a smooth
@@ -28,6 +35,8 @@ from advexplain.shared.errors import InvalidInput
 
 DEFAULT_TAU = 0.5
 DEFAULT_BETA = 2.0
+# Single mode's fallback keeps the changes within this much of the largest (half an 8-bit level).
+TOP_TOLERANCE = 0.5 / 255
 
 
 def pixel_magnitude(perturbation: torch.Tensor) -> torch.Tensor:
@@ -87,4 +96,9 @@ def saliency_map(perturbation: torch.Tensor, tau: float = DEFAULT_TAU, beta: flo
     _check(tau, beta)
     magnitude = pixel_magnitude(perturbation)
     q1, q3 = quartiles([magnitude])
-    return _threshold(magnitude, q1, q3, tau, beta)
+    out = _threshold(magnitude, q1, q3, tau, beta)
+    top = float(magnitude.max())
+    if top > 0 and not bool((out > 0).any()):
+        # The fence passed every change (see the module docstring): keep the largest ones.
+        out = torch.where(magnitude >= top - TOP_TOLERANCE, magnitude * beta, torch.zeros_like(magnitude))
+    return out

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from advexplain.shared.errors import InvalidInput
 from advexplain.shared.saliency import (
     DEFAULT_BETA,
     DEFAULT_TAU,
+    TOP_TOLERANCE,
+    _threshold,
     pixel_magnitude,
     quartiles,
     saliency_map,
@@ -80,3 +84,38 @@ def test_tau_and_beta_change_the_map_of_a_real_sized_perturbation():
     assert torch.allclose(bigger_boost[kept], magnitude[kept] * 5.0) and torch.allclose(
         base[kept], magnitude[kept] * 2.0
     )
+
+
+def test_a_change_pinned_at_its_budget_keeps_its_largest_pixels():
+    # A grey change with 40% of its pixels at the budget (12 levels): q3 is the maximum, so the
+    # paper's fence lies above every change; single mode keeps the pinned pixels, batch mode nothing.
+    levels = torch.tensor([12.0] * 40 + [6.0] * 30 + [0.0] * 30).reshape(1, 10, 10) / 255
+    perturbation = levels.expand(3, -1, -1)
+    q1, q3 = quartiles([pixel_magnitude(perturbation)])
+    assert not (_threshold(pixel_magnitude(perturbation), q1, q3, 0.5, 2.0) > 0).any()
+    assert saliency_maps([perturbation])[0].sum() == 0
+    out = saliency_map(perturbation, tau=0.5, beta=2.0)
+    assert torch.equal(out > 0, levels[0] == 12 / 255)
+    assert torch.allclose(out[out > 0], pixel_magnitude(perturbation)[out > 0] * 2.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(levels=st.lists(st.integers(-40, 40), min_size=4, max_size=64), channels=st.sampled_from([1, 3]),
+       tau=st.floats(0.1, 3.0), beta=st.floats(1.01, 10.0))
+def test_single_mode_is_the_papers_map_unless_that_is_empty(levels, channels, tau, beta):
+    # 8-bit changes, as the searches return them (a difference of two 8-bit images).
+    base = torch.rand(channels, 1, len(levels), generator=torch.Generator().manual_seed(len(levels)))
+    base = (base * 255).round() / 255
+    changed = ((base * 255 + torch.tensor(levels, dtype=torch.float32)).clamp(0, 255)).round() / 255
+    perturbation = changed - base
+    magnitude = pixel_magnitude(perturbation)
+    q1, q3 = quartiles([magnitude])
+    paper = _threshold(magnitude, q1, q3, tau, beta)
+    out = saliency_map(perturbation, tau=tau, beta=beta)
+    if (paper > 0).any() or float(magnitude.max()) == 0:
+        assert torch.equal(out, paper)
+    else:
+        top = float(magnitude.max())
+        assert (out > 0).any(), "a non-zero change never gets an empty map"
+        assert torch.equal(out > 0, magnitude >= top - TOP_TOLERANCE)
+        assert torch.allclose(out[out > 0], magnitude[out > 0] * beta)
