@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advexplain.shared.checkpoints import Checkpoint, load_checkpoint
+from advexplain.shared.data import served_input
 from advexplain.shared.models import PaperCNN, fold_batchnorm
 
 
@@ -41,19 +42,24 @@ class LocalClassifier:
     torch.Size([2, 2])
     """
 
-    def __init__(self, model: PaperCNN, classes: Sequence[str], label_only: bool = False) -> None:
+    def __init__(self, model: PaperCNN, classes: Sequence[str], label_only: bool = False,
+                 served_inputs: bool = False) -> None:
         self.model = model.eval()
         self.classes = tuple(classes)
         self.label_only = label_only
+        # predict_proba sees what our black box service would feed the network (8-bit images resized
+        # as uint8, `served_input`), so an oracle in-process answers exactly as the served model.
+        self.served_inputs = served_inputs
         self.image_size = model.config.image_size
         self._lock = threading.Lock()
         self._queries = 0
         self._frozen = False
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", label_only: bool = False) -> LocalClassifier:
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", label_only: bool = False,
+                        served_inputs: bool = False) -> LocalClassifier:
         ckpt: Checkpoint = load_checkpoint(path, device=device)
-        return cls(ckpt.model, ckpt.classes, label_only=label_only)
+        return cls(ckpt.model, ckpt.classes, label_only=label_only, served_inputs=served_inputs)
 
     def freeze(self, fold: bool = True) -> LocalClassifier:
         """Freeze the network for good (a served network: eval mode, input gradients only); idempotent
@@ -67,7 +73,8 @@ class LocalClassifier:
         (bench/results/frozen_network.json). Other wrappers of the original network keep it.
         Without `fold` (a network that is also the oracle, as the white box is) it computes exactly
         what the served model computes: a rounding-size difference would turn a white-box success
-        at its 1e-3 margin into an image the served model still gets wrong.
+        at its 1e-3 margin into an image the served model still gets wrong (for the same reason
+        such an oracle is built with `served_inputs`, so its input is resized as the service does).
         """
         if self._frozen:
             return self
@@ -112,6 +119,8 @@ class LocalClassifier:
             raise ValueError(f"expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
         with self._lock:
             self._queries += int(x.shape[0])
+        if self.served_inputs:
+            x = served_input(x, self.image_size)
         probs = torch.softmax(self.logits(x), dim=1).cpu()
         if self.label_only:
             probs = F.one_hot(probs.argmax(1), len(self.classes)).float()

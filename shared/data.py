@@ -101,6 +101,16 @@ def resize_transform(image_size: int) -> v2.Compose:
     return v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
 
 
+def served_input(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(N, C, H, W) float in [0, 1] -> (N, C, S, S) float: exactly what our black box feeds its
+    network for the 8-bit PNGs of these images (`shared.images.decode_image`: 8-bit pixels,
+    `resize_transform`'s resize of the uint8 image, which rounds the resized pixels to 8 bits)."""
+    pixels = x.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
+    if pixels.shape[-2:] != (image_size, image_size):
+        pixels = v2.Resize((image_size, image_size), antialias=True)(pixels)
+    return pixels.to(x.dtype).div(255.0)
+
+
 def load_pil_rgb(source: str | Path | BinaryIO) -> Image.Image:
     """Open any image Pillow reads (first frame of animations) as RGB, whatever its mode."""
     with Image.open(source) as opened:

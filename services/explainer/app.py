@@ -41,9 +41,10 @@ def create_app(settings: ExplainerSettings, *, blackbox_client: httpx.Client | N
         whitebox = None
         if settings.whitebox_enabled:
             whitebox = await anyio.to_thread.run_sync(
-                # Not folded: the white box is its own oracle and must answer exactly as the served model.
-                lambda: LocalClassifier.from_checkpoint(settings.whitebox_model,
-                                                        device=str(settings.torch_device)).freeze(fold=False))
+                # The white box is its own oracle and must answer exactly as the served model: not folded,
+                # and its answers come from the input the black box service would feed the network.
+                lambda: LocalClassifier.from_checkpoint(settings.whitebox_model, device=str(settings.torch_device),
+                                                        served_inputs=True).freeze(fold=False))
         http = blackbox_client if blackbox_client is not None else build_http_client(settings)
         classes = tuple(settings.classes or surrogate.classes)
         if len(classes) != len(surrogate.classes):

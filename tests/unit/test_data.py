@@ -194,3 +194,17 @@ def test_sample_fraction_is_seeded():
     assert a.paths != sample_fraction(images, 0.1, seed=2).paths
     with pytest.raises(DataError):
         sample_fraction(images, 0.0, seed=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 90), w=st.integers(1, 90), size=st.sampled_from([8, 32, 64]), seed=st.integers(0, 10_000))
+def test_served_input_is_what_the_black_box_feeds_its_network(h, w, size, seed):
+    from advexplain.shared.data import served_input
+    from advexplain.shared.images import decode_image
+    from advexplain.shared.pixels import encode_png
+
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    served = served_input(x, size)
+    assert served.shape == (2, 3, size, size)
+    for i in range(2):
+        assert torch.equal(served[i], decode_image(encode_png(x[i]), size, max_pixels=10**6))
