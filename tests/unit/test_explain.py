@@ -443,6 +443,16 @@ def test_a_grey_photo_gets_a_grey_change_and_a_colour_photo_may_not(setting, whi
             explained.append(i)
             assert torch.equal(result.adversarial, result.adversarial[:1].expand_as(result.adversarial))
     assert explained, "no success to check"
+    # Within two levels between channels (a grey JPEG saved in colour) a photo is still grey.
+    image, label = image_of(setting, explained[0])
+    near = quantise(image + torch.tensor([0.0, 1.0, -1.0])[:, None, None] / 255)  # channels 2 levels apart
+    result = explain(near, label, source, oracle, whitebox=whitebox)
+    assert result.success, result.trace
+    change, unclipped = result.adversarial - near, ((result.adversarial > 0) & (result.adversarial < 1)).all(0)
+    assert unclipped.float().mean() > 0.5
+    spread = (change - change[:1]).abs().amax(0)[unclipped]
+    # A grey change where nothing clipped, up to a rounding tie (one level) on a few pixels.
+    assert float(spread.max()) <= 1 / 255 + 1e-6 and float((spread > 1e-6).float().mean()) < 0.01
     # The same photo tinted (channels apart): the change is free to differ between channels.
     image, label = image_of(setting, explained[0])
     tinted = quantise(image * torch.tensor([1.0, 0.97, 0.94])[:, None, None])
