@@ -43,7 +43,7 @@ import torch
 
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier, fit_to_size
-from advexplain.shared.data import load_photos
+from advexplain.shared.data import load_photos, served_input
 from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.pixels import quantise
@@ -112,12 +112,16 @@ def load_setup(args) -> Setup:
         models = ROOT / ("models-faces" if args.box == "faces" else "models")
         bb = load_checkpoint(args.blackbox or models / "blackbox")
         network = LocalClassifier(bb.model, bb.classes)
-        oracle = LocalClassifier(bb.model, bb.classes, label_only=True)
-        surrogate_paths = args.surrogate or [models / "surrogate"]
+        # --served: the box exactly as our black-box service runs it (the 8-bit upload resized as
+        # uint8, shared.data.served_input); otherwise resized as floats inside the graph.
+        oracle = LocalClassifier(bb.model, bb.classes, label_only=True, served_inputs=args.served)
 
         @torch.no_grad()
         def probabilities(x):
-            return torch.softmax(network.logits(quantise(x)), 1)
+            x = served_input(x, bb.meta.image_size) if args.served else quantise(x)
+            return torch.softmax(network.logits(x), 1)
+
+        surrogate_paths = args.surrogate or [models / "surrogate"]
 
         class Squash(torch.nn.Module):
             def __init__(self):
@@ -133,7 +137,8 @@ def load_setup(args) -> Setup:
         meta = {
             "box": f"our {args.box} black box (label-only)",
             "box_val_accuracy": bb.meta.metrics.get("val_accuracy"),
-            "box_input": f"{bb.meta.image_size}x{bb.meta.image_size} squash (bilinear, antialiased)",
+            "box_input": f"{bb.meta.image_size}x{bb.meta.image_size} squash (bilinear, antialiased"
+                         + (", resized as uint8 as the service does)" if args.served else ", float)"),
         }
     # Frozen, as the explainer serves them (folded BatchNorm, channels-last on the CPU).
     members = [LocalClassifier.from_checkpoint(path).freeze() for path in surrogate_paths]
@@ -159,7 +164,8 @@ def load_setup(args) -> Setup:
         }
     )
     # The white box as the explainer serves it: not folded (it is its own oracle there).
-    whitebox = None if args.box == "thirdparty" else LocalClassifier(bb.model, bb.classes).freeze(fold=False)
+    whitebox = None if args.box == "thirdparty" else LocalClassifier(
+        bb.model, bb.classes, served_inputs=args.served).freeze(fold=False)
     return Setup(args.box, oracle, surrogate, [photos[i] for i in wrong], [labels[i] for i in wrong], predicted,
                  [paths[i] for i in wrong], probabilities, network_for, gradcam_layer,
                  whitebox_source=whitebox, meta=meta)
@@ -284,6 +290,9 @@ def main(argv=None) -> int:
                         "gradients, for our boxes); default: margin, margin-linf, paper, paper unbounded")
     p.add_argument("--set", action="append", default=[], help="key=value option for every method run (JSON value)")
     p.add_argument("--maps", action="store_true", help="also deletion AUC of our maps against Captum's")
+    p.add_argument("--served", action="store_true",
+                   help="faces/elpv: the box (and the white box's answers) as our service runs it, resizing "
+                        "the 8-bit image as uint8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturb", type=int, default=1,
                    help="run every setting this many times: as loaded, then with the gradient source's weights "

@@ -47,8 +47,9 @@ class LocalClassifier:
         self.model = model.eval()
         self.classes = tuple(classes)
         self.label_only = label_only
-        # predict_proba sees what our black box service would feed the network (8-bit images resized
-        # as uint8, `served_input`), so an oracle in-process answers exactly as the served model.
+        # The network sees what our black box service would feed it (8-bit images resized as uint8,
+        # `served_input`), so an oracle in-process answers exactly as the served model, and a white
+        # box's margins are the served model's margins.
         self.served_inputs = served_inputs
         self.image_size = model.config.image_size
         self._lock = threading.Lock()
@@ -98,8 +99,13 @@ class LocalClassifier:
         return self._queries
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) in [0,1] -> (N, K) logits; autograd flows back to x."""
-        logits: torch.Tensor = self.model(fit_to_size(x.to(self.device), self.image_size))
+        """(N, C, H, W) in [0,1] -> (N, K) logits; autograd flows back to x. With `served_inputs`
+        the values are those of the served model's input (`served_input`) and the gradient that of
+        the float resize (straight through the service's rounding)."""
+        v = fit_to_size(x.to(self.device), self.image_size)
+        if self.served_inputs:
+            v = v + (served_input(x, self.image_size).to(v.device, v.dtype) - v).detach()
+        logits: torch.Tensor = self.model(v)
         return logits
 
     def margin(self, x: torch.Tensor, goal: int) -> torch.Tensor:
@@ -119,8 +125,6 @@ class LocalClassifier:
             raise ValueError(f"expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
         with self._lock:
             self._queries += int(x.shape[0])
-        if self.served_inputs:
-            x = served_input(x, self.image_size)
         probs = torch.softmax(self.logits(x), dim=1).cpu()
         if self.label_only:
             probs = F.one_hot(probs.argmax(1), len(self.classes)).float()

@@ -131,3 +131,31 @@ def test_freeze_without_folding_computes_exactly_what_the_served_model_computes(
     oracle = LocalClassifier(model, ["a", "b"]).freeze(fold=False)
     assert oracle.model is model and not any(p.requires_grad for p in model.parameters())
     assert torch.equal(oracle.logits(x), expected)  # bit for bit: the white box is its own oracle
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(20, 120), w=st.integers(20, 120), seed=st.integers(0, 1000))
+def test_served_inputs_give_the_served_models_values_and_a_float_gradient(h, w, seed):
+    from advexplain.shared.classifiers import LocalClassifier, fit_to_size
+    from advexplain.shared.data import served_input
+    from advexplain.shared.pixels import quantise
+
+    torch.manual_seed(seed)
+    model = PaperCNN(ModelConfig(architecture="surrogate", image_size=32, width=0.125)).eval()
+    served = LocalClassifier(model, ("a", "b"), served_inputs=True)
+    plain = LocalClassifier(model, ("a", "b"))
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    # Values: the network on what the black-box service feeds it (up to the straight-through's float
+    # rounding, v + (s - v) for s).
+    with torch.no_grad():
+        expected = model(served_input(x, 32))
+        assert torch.allclose(served.logits(x), expected, atol=1e-5, rtol=0)
+        assert torch.allclose(served.predict_proba(x), torch.softmax(expected, 1), atol=1e-5, rtol=0)
+        if (h, w) != (32, 32):  # the service's uint8 resize is not the float one
+            assert not torch.equal(served_input(x, 32), fit_to_size(quantise(x), 32))
+    # Gradients: those of the float resize (straight through the service's rounding).
+    xs, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (gs,) = torch.autograd.grad(served.margin(xs, 1).sum(), xs)
+    (gp,) = torch.autograd.grad(plain.margin(xp, 1).sum(), xp)
+    assert gs.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(gs.flatten(), gp.flatten(), dim=0) > 0.9
