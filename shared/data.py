@@ -96,9 +96,14 @@ def canonical_split(split: str) -> str:
     raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLIT_ALIASES)}")
 
 
+def _resize(image_size: int) -> v2.Resize:
+    """uint8 (..., C, H, W) tensor -> (..., C, S, S), resized like the paper (plain resize, no crop)."""
+    return v2.Resize((image_size, image_size), antialias=True)
+
+
 def resize_transform(image_size: int) -> v2.Compose:
     """PIL image -> uint8 (3, S, S) tensor, resized like the paper (plain resize, no crop)."""
-    return v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
+    return v2.Compose([v2.PILToTensor(), _resize(image_size)])
 
 
 def served_input(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -107,7 +112,7 @@ def served_input(x: torch.Tensor, image_size: int) -> torch.Tensor:
     `resize_transform`'s resize of the uint8 image, which rounds the resized pixels to 8 bits)."""
     pixels = x.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
     if pixels.shape[-2:] != (image_size, image_size):
-        pixels = v2.Resize((image_size, image_size), antialias=True)(pixels)
+        pixels = _resize(image_size)(pixels)
     return pixels.to(x.dtype).div(255.0)
 
 

@@ -176,12 +176,9 @@ class MarginSearch(Method):
         h, w = s.image.shape[-2:]
         eps = max_levels(eps) / 255  # on the 8-bit grid, so rounding cannot pass it
         z = z.clamp(-eps, eps)
-        value = None
-        candidate = s.snap(s.image + upsample(z, h, w))
         best, stalled = float("-inf"), 0
         for step in range(o.max_steps + 1):
-            value, grad = self._margin_and_grad(s, z, views)
-            candidate = s.snap(s.image + upsample(z, h, w))
+            value, grad, candidate = self._margin_and_grad(s, z, views)
             if value >= target or step == o.max_steps:
                 return z, candidate, value, step
             if o.patience is not None:
@@ -210,11 +207,12 @@ class MarginSearch(Method):
             if 0 < top < QUANTUM:
                 direction = direction * (QUANTUM / top)
             z = (z + direction).clamp(-eps, eps)
-        return z, candidate, value, o.max_steps
+        raise AssertionError("the walk returns at its last step")
 
-    def _margin_and_grad(self, s: Search, z: torch.Tensor, views: Views | None) -> tuple[float, torch.Tensor]:
-        """Mean margin of the goal over the views of the 8-bit candidate image + upsample(z), and
-        its gradient with respect to z (straight through the rounding).
+    def _margin_and_grad(self, s: Search, z: torch.Tensor,
+                         views: Views | None) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Mean margin of the goal over the views of the 8-bit candidate image + upsample(z), its
+        gradient with respect to z (straight through the rounding), and the candidate itself.
 
         With views, the value is that of the 8-bit candidate at the photo's size brought to the
         working size, and the gradient path starts at the working size: the change is upsampled
@@ -222,20 +220,21 @@ class MarginSearch(Method):
         up to resampling; the photo-size graph cost more than the surrogate on large photos)."""
         h, w = s.image.shape[-2:]
         goal, source = s.goal, s.gradient_source
-        z = z.detach().clone().requires_grad_(True)
+        z = z.detach()
+        with torch.no_grad():
+            candidate = s.snap(s.image + upsample(z, h, w))
+        z = z.clone().requires_grad_(True)
         with torch.enable_grad():
             if views is None:
                 x = s.image + upsample(z, h, w)
-                x = x + (s.snap(x) - x).detach()  # the value at the rounded image, the gradient of the smooth one
+                x = x + (candidate - x).detach()  # the value at the rounded image, the gradient of the smooth one
                 batch = x.unsqueeze(0)
             else:
-                with torch.no_grad():
-                    base = views.to_work(s.snap(s.image + upsample(z, h, w)))
                 u = upsample(z, *views.work)
-                batch = views(base + (u - u.detach()))
+                batch = views(views.to_work(candidate) + (u - u.detach()))
             margins = source.margin(batch, goal)
             (grad,) = torch.autograd.grad(margins.mean(), z)
-        return float(margins.detach().mean()), grad.detach()
+        return float(margins.detach().mean()), grad.detach(), candidate
 
     def _refine(self, s: Search, found: torch.Tensor, queries: int) -> None:
         """Bisect the L-inf cap t of the found change: the smallest clip(change, -t, t) still accepted."""

@@ -417,7 +417,8 @@ def test_gradient_at_the_working_size_is_the_photo_size_gradient(setting):
         def views(seed=seed):
             return Views(image, o, torch.Generator().manual_seed(seed), side=input_side(surrogate))
 
-        value, grad = MarginSearch()._margin_and_grad(s, z, views())  # type: ignore[arg-type]
+        value, grad, candidate = MarginSearch()._margin_and_grad(s, z, views())  # type: ignore[arg-type]
+        assert torch.equal(candidate, quantise(image + upsample(z, *image.shape[-2:])))
         v = views()
         assert v.work != (h, w), "the photo must be larger than the working size for this test"
         zz = z.clone().requires_grad_(True)
