@@ -72,9 +72,13 @@ class Setup:
     meta: dict = field(default_factory=dict)
 
 
-def _photos(data: str, split: str):
+def _photos(data: str, split: str, grey: bool = False):
     photos = load_photos(data, split)
-    return [photos.image(i) for i in range(len(photos))], photos.labels, photos.classes, photos.paths
+    images = [photos.image(i) for i in range(len(photos))]
+    if grey:  # each photo as a grey one saved in colour (ITU-R 601 luma, 8-bit, three equal channels)
+        luma = torch.tensor([0.299, 0.587, 0.114])[:, None, None]
+        images = [quantise((x * luma).sum(0, keepdim=True)).expand(3, -1, -1).contiguous() for x in images]
+    return images, photos.labels, photos.classes, photos.paths
 
 
 def _screen(setup_probs, photos, labels, limit):
@@ -143,7 +147,7 @@ def load_setup(args) -> Setup:
     # Frozen, as the explainer serves them (folded BatchNorm, channels-last on the CPU).
     members = [LocalClassifier.from_checkpoint(path).freeze() for path in surrogate_paths]
     surrogate = members[0] if len(members) == 1 else EnsembleSurrogate(members)
-    photos, labels, classes, paths = _photos(data, args.split)
+    photos, labels, classes, paths = _photos(data, args.split, grey=args.grey)
     if tuple(classes) != tuple(surrogate.classes):
         raise SystemExit(f"data classes {classes} are not the surrogate's {surrogate.classes}")
     wrong, predicted, misclassified = _screen(probabilities, photos, labels, args.limit)
@@ -293,6 +297,9 @@ def main(argv=None) -> int:
     p.add_argument("--served", action="store_true",
                    help="faces/elpv: the box (and the white box's answers) as our service runs it, resizing "
                         "the 8-bit image as uint8")
+    p.add_argument("--grey", action="store_true",
+                   help="explain grey copies of the photos (luma, three equal channels): a box trained in colour "
+                        "meets grey photos")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perturb", type=int, default=1,
                    help="run every setting this many times: as loaded, then with the gradient source's weights "
@@ -370,7 +377,7 @@ def main(argv=None) -> int:
     write_json(out, {
         "benchmark": "native_resolution", "box": args.box,
         "config": {**setup.meta, "seed": args.seed, "limit": args.limit, "set": common_options,
-                   "perturb": args.perturb,
+                   "perturb": args.perturb, "grey_photos": args.grey,
                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                    "torch": torch.__version__, "machine": platform.machine(),
                    "wall_seconds": time.perf_counter() - started,

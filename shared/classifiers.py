@@ -52,6 +52,8 @@ class LocalClassifier:
         # box's margins are the served model's margins.
         self.served_inputs = served_inputs
         self.image_size = model.config.image_size
+        # Trained on grey images: the per-channel statistics it normalises with are all equal.
+        self.trained_on_grey = len(set(model.config.mean)) == 1 and len(set(model.config.std)) == 1
         self._lock = threading.Lock()
         self._queries = 0
         self._frozen = False

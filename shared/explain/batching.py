@@ -82,6 +82,7 @@ class BatchedSurrogate:
         self.surrogate = surrogate
         self.classes = surrogate.classes
         self.image_size = surrogate.image_size
+        self.trained_on_grey = surrogate.trained_on_grey
         self.max_batch = max_batch
         self.model: nn.Module = surrogate.freeze().model
         self.passes = 0

@@ -42,6 +42,7 @@ class EnsembleSurrogate:
         ints = [n for n in sides if isinstance(n, int)]
         # The largest input any member resizes to (None when a member does not say).
         self.image_size: int | None = max(ints) if len(ints) == len(sides) else None
+        self.trained_on_grey = all(getattr(m, "trained_on_grey", False) is True for m in members)
 
     def margin(self, x: torch.Tensor, goal: int) -> torch.Tensor:
         return torch.stack([m.margin(x, goal) for m in self.members]).sum(0)

@@ -435,6 +435,7 @@ def test_gradient_at_the_working_size_is_the_photo_size_gradient(setting):
 def test_a_grey_photo_gets_a_grey_change_and_a_colour_photo_may_not(setting, whitebox):
     oracle = fresh_oracle(setting)
     source = oracle if whitebox else setting["surrogate"]
+    assert source.trained_on_grey, "the elpv models normalise with equal per-channel statistics"
     explained = []
     for i in setting["wrong"]:
         image, label = image_of(setting, i)
@@ -461,3 +462,34 @@ def test_a_grey_photo_gets_a_grey_change_and_a_colour_photo_may_not(setting, whi
     assert result.success, result.trace
     change = result.adversarial - tinted
     assert not torch.equal(change, change[:1].expand_as(change))
+
+
+def test_a_source_trained_in_colour_changes_a_grey_photo_in_colour_unless_told(setting):
+    oracle = fresh_oracle(setting)
+    colour = LocalClassifier.from_checkpoint(setting["paths"]["surrogate"])
+    colour.trained_on_grey = False  # as a surrogate trained on colour photos says
+    for i in setting["wrong"]:
+        image, label = image_of(setting, i)
+        grey = explain(image, label, setting["surrogate"], oracle)
+        if not grey.success:
+            continue
+        auto = explain(image, label, colour, oracle, max_linf=1.0)
+        forced = explain(image, label, colour, oracle, max_linf=1.0, grey_change=True)
+        assert auto.success and forced.success, (auto.trace, forced.trace)
+        change = auto.adversarial - image
+        assert not torch.equal(change, change[:1].expand_as(change)), "channels change apart"
+        assert torch.equal(forced.adversarial, forced.adversarial[:1].expand_as(forced.adversarial))
+        return
+    pytest.fail("no success to compare")
+
+
+def test_trained_on_grey_reads_the_per_channel_statistics():
+    from advexplain.shared.models import ModelConfig, PaperCNN
+
+    def source(mean, std):
+        return LocalClassifier(PaperCNN(ModelConfig(architecture="surrogate", image_size=32, width=0.125,
+                                                    mean=mean, std=std)), ("a", "b"))
+
+    grey, colour = source((0.6,) * 3, (0.15,) * 3), source((0.65, 0.48, 0.41), (0.23, 0.2, 0.2))
+    assert grey.trained_on_grey and not colour.trained_on_grey
+    assert EnsembleSurrogate([grey, grey]).trained_on_grey and not EnsembleSurrogate([grey, colour]).trained_on_grey
