@@ -52,11 +52,15 @@ def main() -> int:
         if result.success:
             break
         failed_before += 1
-    pngs = render_explanation(result, saliency_map(result.perturbation) if result.success else None)
+    saliency = saliency_map(result.perturbation) if result.success else None
+    pngs = render_explanation(result, saliency)
     args.panel.write_bytes(pngs["panel"])
     record = {k: v for k, v in result.to_dict().items() if k != "trace"}
     record.update(benchmark="figures", photo_index=index, mistakes_failed_before_it=failed_before,
                   photo=photos.paths[index], linf_255=None if result.linf is None else round(result.linf * 255),
+                  # the change's grid (cells, rows x columns) at each search query, and the map's kept share
+                  grids=[step["grid"] for step in result.trace if "grid" in step],
+                  map_keeps=None if saliency is None else float((saliency > 0).float().mean()),
                   panel=str(args.panel.relative_to(ROOT)))
     write_json(args.out, record)
     print({k: record[k] for k in ("success", "label_name", "final_prediction_name", "search_queries", "linf_255")})

@@ -72,9 +72,13 @@ class Setup:
     meta: dict = field(default_factory=dict)
 
 
-def _photos(data: str, split: str, grey: bool = False):
+def _photos(data: str, split: str, grey: bool = False, upscale: float = 1.0):
     photos = load_photos(data, split)
     images = [photos.image(i) for i in range(len(photos))]
+    if upscale != 1.0:  # each photo as a larger one (bicubic, 8-bit), as a phone or camera would give
+        images = [quantise(torch.nn.functional.interpolate(
+            x.unsqueeze(0), size=(round(x.shape[-2] * upscale), round(x.shape[-1] * upscale)),
+            mode="bicubic", align_corners=False)[0].clamp(0, 1)) for x in images]
     if grey:  # each photo as a grey one saved in colour (ITU-R 601 luma, 8-bit, three equal channels)
         luma = torch.tensor([0.299, 0.587, 0.114])[:, None, None]
         images = [quantise((x * luma).sum(0, keepdim=True)).expand(3, -1, -1).contiguous() for x in images]
@@ -147,7 +151,7 @@ def load_setup(args) -> Setup:
     # Frozen, as the explainer serves them (folded BatchNorm, channels-last on the CPU).
     members = [LocalClassifier.from_checkpoint(path).freeze() for path in surrogate_paths]
     surrogate = members[0] if len(members) == 1 else EnsembleSurrogate(members)
-    photos, labels, classes, paths = _photos(data, args.split, grey=args.grey)
+    photos, labels, classes, paths = _photos(data, args.split, grey=args.grey, upscale=args.upscale)
     if tuple(classes) != tuple(surrogate.classes):
         raise SystemExit(f"data classes {classes} are not the surrogate's {surrogate.classes}")
     wrong, predicted, misclassified = _screen(probabilities, photos, labels, args.limit)
@@ -297,6 +301,9 @@ def main(argv=None) -> int:
     p.add_argument("--served", action="store_true",
                    help="faces/elpv: the box (and the white box's answers) as our service runs it, resizing "
                         "the 8-bit image as uint8")
+    p.add_argument("--upscale", type=float, default=1.0,
+                   help="explain copies of the photos enlarged by this factor (bicubic, 8-bit): large photos "
+                        "of the same scenes, for boxes whose input is far smaller than the photo")
     p.add_argument("--grey", action="store_true",
                    help="explain grey copies of the photos (luma, three equal channels): a box trained in colour "
                         "meets grey photos")
@@ -377,7 +384,7 @@ def main(argv=None) -> int:
     write_json(out, {
         "benchmark": "native_resolution", "box": args.box,
         "config": {**setup.meta, "seed": args.seed, "limit": args.limit, "set": common_options,
-                   "perturb": args.perturb, "grey_photos": args.grey,
+                   "perturb": args.perturb, "grey_photos": args.grey, "upscale": args.upscale,
                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                    "torch": torch.__version__, "machine": platform.machine(),
                    "wall_seconds": time.perf_counter() - started,

@@ -142,6 +142,8 @@ def _jsonable(value: Any) -> Any:
         return _finite(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return _jsonable(value.item())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return str(value)
 
 

@@ -24,7 +24,15 @@ from advexplain.shared.explain import (
     explain,
 )
 from advexplain.shared.explain.base import no_side_effects, value_and_grad
-from advexplain.shared.explain.margin import MarginOptions, MarginSearch, Views, budget_schedule, input_side, upsample
+from advexplain.shared.explain.margin import (
+    MarginOptions,
+    MarginSearch,
+    Views,
+    _finer,
+    budget_schedule,
+    input_side,
+    upsample,
+)
 from advexplain.shared.pixels import quantise
 
 # elpv cells are 300 x 300: a crop of 300 x 240 keeps every test on a non-square photo.
@@ -365,6 +373,8 @@ def test_to_dict_is_json_safe(setting):
     d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert d["queries"] == result.queries and d["search_queries"] == result.queries - 1
     assert d["size"] == [WIDTH, HEIGHT]
+    grids = [step["grid"] for step in d["trace"] if "grid" in step]
+    assert grids and all(isinstance(g, list) and all(isinstance(n, int) for n in g) for g in grids)
 
 
 @given(first=st.floats(1 / 255, 1.0), growth=st.floats(1.0, 4.0), cap=st.floats(1 / 255, 1.0))
@@ -372,6 +382,73 @@ def test_budget_schedule_grows_to_the_cap(first, growth, cap):
     budgets = budget_schedule(first, growth, cap)
     assert budgets[-1] == cap and all(b <= cap for b in budgets)
     assert all(x < y for x, y in zip(budgets, budgets[1:]))
+
+
+@given(c=st.sampled_from([1, 3]), h=st.integers(2, 200), w=st.integers(2, 200),
+       fh=st.integers(2, 200), fw=st.integers(2, 200))
+def test_a_finer_grid_doubles_the_cells_up_to_the_finest(c, h, w, fh, fw):
+    finer = _finer((c, h, w), (c, fh, fw))
+    if h >= fh and w >= fw:
+        assert finer is None
+    else:
+        assert finer == (c, min(fh, 2 * h), min(fw, 2 * w))
+    assert _finer((c, h, w), None) is None
+
+
+class Checkerboard:
+    """A gradient source whose goal margin is the change's match with a checkerboard of 4-pixel
+    squares: a change on 8-pixel cells (bilinear) can barely draw it, one on 2-pixel cells can."""
+
+    classes = ("a", "b")
+
+    def __init__(self, image: torch.Tensor, scale: float):
+        self.image, self.scale = image, scale
+        h, w = image.shape[-2:]
+        rows, cols = torch.arange(h)[:, None] // 4, torch.arange(w)[None, :] // 4
+        self.pattern = ((rows + cols) % 2 * 2 - 1).float().expand_as(image)
+
+    def margin(self, batch: torch.Tensor, goal: int) -> torch.Tensor:
+        return ((batch - self.image) * self.pattern).flatten(1).sum(1) * self.scale - 1.0
+
+
+@pytest.mark.parametrize("finer", [False, True])
+def test_a_walk_pinned_on_a_coarse_grid_moves_to_a_finer_one(finer):
+    """Pinned below the first target on an 8x8 grid, the walk goes on at 16 (then 32) cells and
+    reaches the margin; without a finest grid (or above the threshold) it stops where it is pinned."""
+    image = quantise(torch.full((3, 64, 64), 0.5))
+    source = Checkerboard(image, scale=0.05)
+    o = MarginOptions(max_steps=40)
+    s = SimpleNamespace(image=image, goal=1, gradient_source=source, snap=quantise, options=o)
+    z = torch.zeros(3, 8, 8)
+    eps, target = 8 / 255, 8.0
+    finest = (3, 32, 32) if finer else None
+    z, candidate, reached, _ = MarginSearch()._walk(s, z, eps, target, None, finest, finer_below=target)  # type: ignore[arg-type]
+    assert torch.equal(candidate, quantise(image + upsample(z, 64, 64)))
+    assert float((candidate - image).abs().max()) <= eps + 1e-6
+    if finer:
+        assert z.shape in ((3, 16, 16), (3, 32, 32)) and reached >= target
+    else:
+        assert z.shape == (3, 8, 8) and reached < target
+    # A walk pinned above the threshold keeps its grid.
+    z2, _, _, _ = MarginSearch()._walk(s, torch.zeros(3, 8, 8), eps, target, None, (3, 32, 32),  # type: ignore[arg-type]
+                                       finer_below=-1e9)
+    assert z2.shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("finer_after", [0, 2, 6])
+def test_queries_before_finer_after_use_the_first_grid_and_none_passes_max_grid(setting, finer_after):
+    image, label = image_of(setting, setting["wrong"][0])
+    oracle = Threshold(image, label, levels=10_000, classes=setting["surrogate"].classes)
+    o = {"finer_after": finer_after, "max_grid": 48, "max_linf": 1.0, "max_rounds": 6}
+    result = explain(image, label, setting["surrogate"], oracle, **o)
+    check_failure(result)
+    first = list(MarginSearch._grid_shape(image, 24)[-2:])
+    finest = MarginSearch._grid_shape(image, 48)[-2:]
+    grids = [t["grid"] for t in result.trace if "grid" in t]
+    assert len(grids) == result.search_queries
+    assert all(g == first for g in grids[:finer_after])
+    assert all(g[0] <= finest[0] and g[1] <= finest[1] for g in grids)
+    assert all(a[0] <= b[0] for a, b in zip(grids, grids[1:])), "a grid never gets coarser"
 
 
 @given(h=st.integers(2, 40), w=st.integers(2, 40), gh=st.integers(2, 12), gw=st.integers(2, 12),
