@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from advexplain.shared.errors import InvalidInput
+from advexplain.shared.explain.margin import input_side, trained_on_grey
 from advexplain.shared.protocols import DifferentiableClassifier, GradientSource
 
 
@@ -38,11 +39,10 @@ class EnsembleSurrogate:
             raise InvalidInput("ensemble members disagree on the classes")
         self.members = members
         self.classes = classes.pop()
-        sides = [getattr(m, "image_size", None) for m in members]
-        ints = [n for n in sides if isinstance(n, int)]
+        sides = [input_side(m) for m in members]
         # The largest input any member resizes to (None when a member does not say).
-        self.image_size: int | None = max(ints) if len(ints) == len(sides) else None
-        self.trained_on_grey = all(getattr(m, "trained_on_grey", False) is True for m in members)
+        self.image_size: int | None = None if None in sides else max(n for n in sides if n is not None)
+        self.trained_on_grey = all(trained_on_grey(m) for m in members)
 
     def margin(self, x: torch.Tensor, goal: int) -> torch.Tensor:
         return torch.stack([m.margin(x, goal) for m in self.members]).sum(0)

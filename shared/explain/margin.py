@@ -23,7 +23,8 @@ What makes it work on a model it knows nothing about (architecture, input size, 
   computation (differentiably), so nothing assumes the box's input size;
 - a coarse grid can be too coarse: on a large photo whose class hangs on fine detail (elpv's
   300x300 cells, 12-pixel cells at 24 on a side) the gradient source's own margin stays pinned
-  far below its target however large the budget. So from the third round on (after `finer_after`
+  far below its target however large the budget (its best 0.8 to 4.8 against 8 on all 41 elpv
+  training failures of the fixed grid). So from the third round on (after `finer_after`
   failed queries), a walk pinned below the first round's margin target moves its change to a grid
   twice as fine (bilinearly, the same change), up to `max_grid` cells, and walks on. A walk that
   reaches that margin keeps its grid: a box with a small input (the third-party box's 32x32)
@@ -158,7 +159,7 @@ class MarginSearch(Method):
         grey = o.grey_change if o.grey_change is not None else trained_on_grey(s.gradient_source)
         shape = self._grid_shape(s.image, None if white else o.grid, grey)
         z = torch.zeros(shape, dtype=s.image.dtype, device=s.image.device)
-        finest = None if white or o.max_grid is None else self._grid_shape(s.image, o.max_grid, grey)
+        finest = None if white or o.max_grid is None else (shape[0], *self._grid_shape(s.image, o.max_grid)[1:])
         first_margin, rounds = margin, 0
         for n, eps in enumerate(budgets):
             last = n == len(budgets) - 1
@@ -209,7 +210,6 @@ class MarginSearch(Method):
         Returns (z, perhaps on a finer grid; candidate; margin at the candidate, or None when there
         is no gradient; steps taken)."""
         o: MarginOptions = s.options  # type: ignore[assignment]
-        h, w = s.image.shape[-2:]
         eps = max_levels(eps) / 255  # on the 8-bit grid, so rounding cannot pass it
         z = z.clamp(-eps, eps)
         best, stalled = float("-inf"), 0

@@ -410,6 +410,12 @@ class Checkerboard:
     def margin(self, batch: torch.Tensor, goal: int) -> torch.Tensor:
         return ((batch - self.image) * self.pattern).flatten(1).sum(1) * self.scale - 1.0
 
+    def loss(self, batch: torch.Tensor, label: int) -> torch.Tensor:
+        return -self.margin(batch, label)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return []
+
 
 @pytest.mark.parametrize("finer", [False, True])
 def test_a_walk_pinned_on_a_coarse_grid_moves_to_a_finer_one(finer):
@@ -433,6 +439,26 @@ def test_a_walk_pinned_on_a_coarse_grid_moves_to_a_finer_one(finer):
     z2, _, _, _ = MarginSearch()._walk(s, torch.zeros(3, 8, 8), eps, target, None, (3, 32, 32),  # type: ignore[arg-type]
                                        finer_below=-1e9)
     assert z2.shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("max_grid", [None, 32])
+def test_a_search_pinned_on_the_first_grid_refines_after_finer_after_queries(max_grid):
+    """Through the whole search: a box that never agrees, a gradient source the 8-cell grid cannot
+    move (Checkerboard), one view (the photo itself). The first `finer_after` queries use the first
+    grid; after them the pinned walk moves to a finer one, and without `max_grid` it never does."""
+    image = quantise(torch.full((3, 64, 64), 0.5))
+    source = Checkerboard(image, scale=0.05)
+    oracle = Threshold(image, 1, levels=10_000, classes=source.classes)
+    result = explain(image, 1, source, oracle, grid=8, max_grid=max_grid, finer_after=2, samples=1,
+                     max_steps=40, max_rounds=5, max_linf=1.0)
+    check_failure(result)
+    grids = [t["grid"] for t in result.trace if "grid" in t]
+    assert len(grids) == result.search_queries == 5
+    assert grids[:2] == [[8, 8], [8, 8]]
+    if max_grid is None:
+        assert all(g == [8, 8] for g in grids)
+    else:
+        assert grids[2] != [8, 8] and all(8 < g[0] <= 32 for g in grids[2:])
 
 
 @pytest.mark.parametrize("finer_after", [0, 2, 6])
