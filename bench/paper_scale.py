@@ -80,9 +80,14 @@ def main() -> int:
                    help="before the photo view: explanations/s of this many concurrent searches on the photos, "
                         "surrogate work separate vs batched (bench.batching); e.g. 1 8 32")
     p.add_argument("--per-thread", type=int, default=4, help="explanations per thread at each --concurrency")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:key=value;...",
+                   help="also run black-box `margin` on every surrogate with these options (JSON values, null for "
+                        "None), side by side with the default on the same models; e.g. "
+                        "'fixed-grid:max_grid=null' (repeatable)")
     args = p.parse_args()
     if not args.data:
         p.error("--data or ADVEXPLAIN_FACES is required")
+    variants = [parse_variant(v) for v in args.variant]
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     log = Log(args.out / "paper_scale.jsonl")
@@ -189,14 +194,16 @@ def main() -> int:
         "distilled": members["distilled"],
         "ensemble": EnsembleSurrogate([members["ground-truth"], members["distilled"]]),
     }
-    runs = [
-        ("whitebox", "paper", None, False),
-        ("whitebox", "margin", None, True),
-        ("whitebox", "margin-linf", None, True),
+    # (mode, method, surrogate, label-only oracle, variant label, extra options)
+    runs: list[tuple[str, str, str | None, bool, str | None, dict]] = [
+        ("whitebox", "paper", None, False, None, {}),
+        ("whitebox", "margin", None, True, None, {}),
+        ("whitebox", "margin-linf", None, True, None, {}),
     ]
     for surrogate in ("ground-truth", "distilled", "ensemble"):
-        runs += [("blackbox", "paper", surrogate, False), ("blackbox", "margin", surrogate, True),
-                 ("blackbox", "margin-linf", surrogate, True)]
+        runs += [("blackbox", "paper", surrogate, False, None, {}), ("blackbox", "margin", surrogate, True, None, {}),
+                 ("blackbox", "margin-linf", surrogate, True, None, {})]
+        runs += [("blackbox", "margin", surrogate, True, label, options) for label, options in variants]
 
     summary, throughput = [], []
     for view in args.views:
@@ -204,7 +211,7 @@ def main() -> int:
             throughput = concurrent_throughput(args, views["photo"], mistakes["photo"], blackbox_model,
                                                members["ground-truth"], log)
         images, labels = views[view]
-        for mode, method, surrogate, label_only in runs:
+        for mode, method, surrogate, label_only, variant, options in runs:
             oracle = LocalClassifier(blackbox_model, train.classes, label_only=label_only)
             source = oracle if mode == "whitebox" else sources[surrogate]
             results = []
@@ -213,7 +220,8 @@ def main() -> int:
                 # The published method is reproduced unbounded (max_linf 1); ours keep the default bound.
                 bound = {"max_linf": 1.0} if method == "paper" else {}
                 results.append(explain(images[i], int(labels[i]), source, oracle, method,
-                                       whitebox=mode == "whitebox", max_queries=args.max_queries, **bound))
+                                       whitebox=mode == "whitebox", max_queries=args.max_queries,
+                                       **bound, **options))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             metrics = summarise(results)
@@ -221,8 +229,9 @@ def main() -> int:
             spent = 0
             if surrogate in ("distilled", "ensemble"):
                 spent = surrogates["distilled"]["distillation_queries"]
-            row = {"view": view, "mode": mode, "method": method, "surrogate": surrogate,
-                   "oracle": "labels" if label_only else "scores", **metrics, "distillation_queries": spent,
+            row = {"view": view, "mode": mode, "method": method, "surrogate": surrogate, "variant": variant,
+                   "options": options, "oracle": "labels" if label_only else "scores", **metrics,
+                   "distillation_queries": spent,
                    "distillation_queries_per_image": spent / len(results) if results else None,
                    "wall_seconds": round(time.perf_counter() - t, 2)}
             summary.append(row)
@@ -248,6 +257,20 @@ def main() -> int:
     return 0
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'LABEL:key=value;key=value' -> (LABEL, options); values are JSON, null or None for None."""
+    label, sep, pairs = spec.partition(":")
+    if not label or not sep:
+        raise SystemExit(f"--variant {spec!r}: expected LABEL:key=value;...")
+    options = {}
+    for pair in filter(None, pairs.split(";")):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {spec!r}: {pair!r} is not key=value")
+        options[key.strip()] = None if value.strip() in ("None", "none") else json.loads(value)
+    return label, options
+
+
 def concurrent_throughput(args, photos, wrong: list[int], blackbox_model, surrogate: LocalClassifier, log) -> list:
     """Explanations/s of concurrent label-only searches on the misclassified photos, separate vs batched."""
     images, labels = photos
@@ -270,7 +293,8 @@ def table(out: dict) -> str:
              f"{out['paper']['blackbox']['mean_search_queries']:.2f} | n/a | n/a | n/a | n/a | - |"]
     for r in out["runs"]:
         lines.append(
-            f"| {r['view']} | {r['mode']} | {r['method']} | {r['surrogate'] or '-'} | {r['oracle']} | "
+            f"| {r['view']} | {r['mode']} | {r['method']}{' (' + r['variant'] + ')' if r.get('variant') else ''} | "
+            f"{r['surrogate'] or '-'} | {r['oracle']} | "
             f"{fmt(r['success_rate'], '.2%')} | {fmt(r['mean_search_queries'], '.2f')} | "
             f"{fmt(r['median_l2'], '.3f')} | "
             f"{fmt(r['median_linf_255'], '.1f')} | {fmt(r['p90_linf_255'], '.1f')} | "
