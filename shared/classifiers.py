@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,14 @@ class LocalClassifier:
         self.model = model  # type: ignore[assignment]
         self._frozen = True
         return self
+
+    def tuned_copy(self) -> LocalClassifier:
+        """A copy with its own network, for a search to fine-tune; counts nothing."""
+        clone = copy.copy(self)
+        clone.model = copy.deepcopy(self.model)
+        clone._lock = threading.Lock()
+        clone._queries = 0
+        return clone
 
     @property
     def device(self) -> torch.device:

@@ -53,6 +53,17 @@ class EnsembleSurrogate:
     def modules(self) -> list[nn.Module]:
         return [module for member in self.members for module in member.modules()]
 
+    def tuned_copy(self) -> EnsembleSurrogate | None:
+        """An ensemble of the members' `tuned_copy`s (None unless every member has one)."""
+        copies: list[Member] = []
+        for member in self.members:
+            copy_for_tuning = getattr(member, "tuned_copy", None)
+            tuned = copy_for_tuning() if copy_for_tuning is not None else None
+            if tuned is None:
+                return None
+            copies.append(tuned)
+        return EnsembleSurrogate(copies)
+
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(torch.stack([m.logits(x) for m in self.members]).mean(0), dim=1).cpu()

@@ -73,6 +73,7 @@ from advexplain.shared.explain.base import (
     max_levels,
 )
 from advexplain.shared.pixels import QUANTUM
+from advexplain.shared.protocols import GradientSource
 
 # Logit margin the surrogate must give the goal before a black-box query (tuned on training images).
 DEFAULT_TRANSFER_MARGIN = 8.0
@@ -102,6 +103,16 @@ class MarginOptions(SearchOptions):
     max_steps: free steps per round; max_rounds: rounds (queries, not counting refine) at most.
     patience: a walk that closes less than STALL_GAIN of the gap to its target margin on this many
     steps in a row is pinned by its budget: it stops and the oracle is asked now (None: never).
+    adapt_steps, adapt_lr: after each rejected query, fine-tune the search's own copy of the gradient
+    source (sources with `tuned_copy`: our networks and ensembles of them; others are used as they
+    are) with `adapt_steps` Adam steps at `adapt_lr`, so that it no longer gives the goal a
+    positive margin on any candidate the oracle rejected; later walks follow the tuned copy (the
+    "update the surrogate on each query's answer" direction). Off (0) by default: on training
+    mistakes, pooled over three perturbations (bench/results/tuning_adapt_perturbed_train_*.json),
+    20 steps at 1e-3 raised elpv's success from 84.4% to 95.6% with fewer search queries (2.19
+    against 2.68), but by changes at the cap (median L-inf 32/255 against 12/255: the pessimistic
+    copy skips the middle budgets), and cost the third-party box successes (94.1% against 98.9%);
+    at 1e-4, 89.4% and 18/255 on elpv, 92.2% on the third-party box.
     grey_change: whether a grey photo (no pixel's channels more than GREY_LEVELS apart) gets a grey
     change, one channel added to all three, instead of channels that change apart. None (default):
     when the gradient source was trained on grey images (`trained_on_grey`), a sign that the box
@@ -134,6 +145,8 @@ class MarginOptions(SearchOptions):
     patience: int | None = Field(2, ge=1, le=1000)
     overshoot: float = Field(0.02, ge=0, le=10, allow_inf_nan=False)
     grey_change: bool | None = None
+    adapt_steps: int = Field(0, ge=0, le=1000)
+    adapt_lr: float = Field(1e-3, gt=0, le=1, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _views(self) -> MarginOptions:
@@ -161,6 +174,8 @@ class MarginSearch(Method):
         z = torch.zeros(shape, dtype=s.image.dtype, device=s.image.device)
         finest = None if white or o.max_grid is None else (shape[0], *self._grid_shape(s.image, o.max_grid)[1:])
         first_margin, rounds = margin, 0
+        failures: list[torch.Tensor] = []  # candidates the oracle rejected, for `adapt_steps`
+        tuned: GradientSource | None = None  # this search's own fine-tuned copy of the gradient source
         for n, eps in enumerate(budgets):
             last = n == len(budgets) - 1
             while True:
@@ -174,18 +189,57 @@ class MarginSearch(Method):
                     # The gradient source itself disagrees: a larger budget, no query spent. In
                     # white-box mode it is the oracle, so at the last budget nothing will do.
                     break
+                note = {"adapted": tuned is not None} if o.adapt_steps else {}
                 if s.query(candidate, budget_255=round(eps * 255), margin=margin, surrogate_margin=reached,
-                           steps=steps, grid=list(z.shape[-2:])):
+                           steps=steps, grid=list(z.shape[-2:]), **note):
                     self._refine(s, candidate, o.refine)
                     return
                 rounds += 1
                 margin *= o.margin_growth
+                if o.adapt_steps and views is not None:
+                    failures.append(candidate)
+                    tuned = self._adapt(s, tuned, failures, views, o)
+                    if tuned is not None:
+                        s.gradient_source = tuned
                 if rounds >= o.max_rounds:
                     s.failure_reason = FAILED_MAX_LINF
                     return
                 if not last:
                     break  # after a failed query both the margin and the budget grow
         s.failure_reason = FAILED_MAX_LINF
+
+    @staticmethod
+    def _adapt(s: Search, tuned: GradientSource | None, failures: list[torch.Tensor], views: Views,
+               o: MarginOptions) -> GradientSource | None:
+        """Fine-tune the search's own copy of the gradient source (`tuned_copy`; None when the source
+        has none) on the oracle's answers so far: `adapt_steps` Adam steps at `adapt_lr` that push the
+        goal's margin on every rejected candidate (through fresh views) down to at most 0, stopping
+        once it is. The shared gradient source is never changed (see `adapt_steps`)."""
+        if tuned is None:
+            copy_for_tuning = getattr(s.gradient_source, "tuned_copy", None)
+            tuned = copy_for_tuning() if copy_for_tuning is not None else None
+            if tuned is None:
+                return None
+        params = [q for m in tuned.modules() for q in m.parameters()]
+        with torch.no_grad():
+            batch = torch.cat([views(views.to_work(c)) for c in failures])
+        try:
+            for q in params:
+                q.requires_grad_(True)
+            optimiser = torch.optim.Adam(params, lr=o.adapt_lr)
+            with torch.enable_grad():
+                for _ in range(o.adapt_steps):
+                    loss = F.relu(tuned.margin(batch, s.goal)).mean()
+                    if float(loss.detach()) == 0.0:
+                        break
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+        finally:
+            for q in params:
+                q.requires_grad_(False)
+                q.grad = None
+        return tuned
 
     @staticmethod
     def _grid_shape(image: torch.Tensor, grid: int | None, grey_change: bool = False) -> tuple[int, int, int]:

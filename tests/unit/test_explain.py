@@ -602,3 +602,53 @@ def test_trained_on_grey_reads_the_per_channel_statistics():
     grey, colour = source((0.6,) * 3, (0.15,) * 3), source((0.65, 0.48, 0.41), (0.23, 0.2, 0.2))
     assert grey.trained_on_grey and not colour.trained_on_grey
     assert EnsembleSurrogate([grey, grey]).trained_on_grey and not EnsembleSurrogate([grey, colour]).trained_on_grey
+
+
+def _weights(source) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in source.modules() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_adaptation_tunes_a_copy_only_and_every_query_is_counted(setting, tiny_models, ensemble):
+    """With adapt_steps, each rejected query fine-tunes the search's own copy of the surrogate:
+    later queries say so in the trace, the shared surrogate's weights never change, and the
+    properties of every outcome hold."""
+    surrogate = setting["surrogate"]
+    source = EnsembleSurrogate([surrogate, LocalClassifier.from_checkpoint(tiny_models["blackbox"])]) \
+        if ensemble else surrogate
+    before = _weights(source)
+    adapted = 0
+    for i in setting["wrong"][:4]:
+        image, label = image_of(setting, i)
+        oracle = fresh_oracle(setting, label_only=True)
+        result = explain(image, label, source, oracle, adapt_steps=5)
+        check_properties(result, image, image.clone(), oracle, 0, {})
+        flags = [t["adapted"] for t in result.trace if "adapted" in t]
+        assert len(flags) == result.search_queries
+        # Only the first query comes before any answer to adapt to; every later one is adapted.
+        assert flags[:1] == [False][:len(flags)] and all(flags[1:])
+        adapted += sum(flags)
+    assert adapted > 0, "no search got past its first query: nothing was adapted"
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(source)))
+
+
+def test_adaptation_pulls_the_tuned_copy_below_the_goal_on_rejected_candidates(setting):
+    """_adapt lowers the goal's margin on the candidates the box rejected to at most 0 (given
+    enough steps) on its copy, and returns None for a source it cannot copy."""
+    image, label = image_of(setting, setting["wrong"][0])
+    options = MarginOptions(adapt_steps=200, adapt_lr=1e-2)
+    s = SimpleNamespace(gradient_source=setting["surrogate"], goal=label, options=options)
+    views = Views(image, options, torch.Generator().manual_seed(0), side=input_side(setting["surrogate"]))
+    rejected = quantise((image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(1)))
+                        .clamp(0, 1))
+    batch = views(views.to_work(rejected))
+    with torch.no_grad():
+        start = setting["surrogate"].margin(batch, label)
+    tuned = MarginSearch._adapt(s, None, [rejected], views, options)  # type: ignore[arg-type]
+    assert tuned is not None and tuned is not setting["surrogate"]
+    with torch.no_grad():
+        after = tuned.margin(batch, label)
+    assert float(after.mean()) < float(start.mean()) or float(start.max()) <= 0
+    assert float(after.mean()) <= 0.5
+    s.gradient_source = SimpleNamespace(margin=setting["surrogate"].margin, modules=setting["surrogate"].modules)
+    assert MarginSearch._adapt(s, None, [rejected], views, options) is None  # type: ignore[arg-type]
