@@ -227,13 +227,29 @@ def summary(results) -> dict:
 
 # -- maps and deletion AUC -----------------------------------------------------------------------
 
-def captum_maps(setup: Setup, which: list[str]) -> dict[str, list[torch.Tensor]]:
+class SurrogateNet(torch.nn.Module):
+    """The gradient source as a module for Captum: the surrogate's logits (an ensemble: its members'
+    mean), each resized to its own input inside the graph, as the search sees it."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.members = list(getattr(source, "members", [source]))
+        self.layers = torch.nn.ModuleList(m.model for m in self.members)
+
+    def forward(self, x):
+        return torch.stack([m.logits(x) for m in self.members]).mean(0)
+
+
+def captum_maps(setup: Setup, which: list[str], on: str = "box") -> dict[str, list[torch.Tensor]]:
+    """Captum's maps of every photo, targeting the true class, on the box's own network (`on="box"`:
+    white-box access an end user does not have) or on the surrogate (`on="surrogate"`: the access
+    our black-box maps have). GradCAM on the surrogate takes the first member's last conv block."""
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 
     out: dict[str, list[torch.Tensor]] = {name: [] for name in which}
     for x, y in zip(setup.photos, setup.labels):
         h, w = x.shape[-2:]
-        net = setup.network_for(h, w)
+        net = setup.network_for(h, w) if on == "box" else SurrogateNet(setup.surrogate).eval()
         inp = x.unsqueeze(0).clone().requires_grad_(True)
         norm = lambda a: a.detach()[0].abs().pow(2).sum(0).sqrt()  # noqa: E731  (Algorithm 2's reduction)
         if "Saliency" in which:
@@ -242,7 +258,8 @@ def captum_maps(setup: Setup, which: list[str]) -> dict[str, list[torch.Tensor]]
             out["Integrated Gradients"].append(norm(IntegratedGradients(net).attribute(
                 inp, baselines=torch.zeros_like(inp), target=y, n_steps=32, internal_batch_size=32)))
         if "GradCAM" in which:
-            cam = LayerGradCam(net, setup.gradcam_layer(net)).attribute(inp, target=y, relu_attributions=True)
+            layer = setup.gradcam_layer(net) if on == "box" else net.layers[0].features[-1]
+            cam = LayerGradCam(net, layer).attribute(inp, target=y, relu_attributions=True)
             out["GradCAM"].append(LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear").detach()[0, 0])
         if "Occlusion" in which:
             window, stride = max(4, round(min(h, w) / 12)), max(2, round(min(h, w) / 24))
@@ -298,6 +315,9 @@ def main(argv=None) -> int:
                         "gradients, for our boxes); default: margin, margin-linf, paper, paper unbounded")
     p.add_argument("--set", action="append", default=[], help="key=value option for every method run (JSON value)")
     p.add_argument("--maps", action="store_true", help="also deletion AUC of our maps against Captum's")
+    p.add_argument("--captum-on-surrogate", action="store_true",
+                   help="with --maps: also Captum's maps computed on the surrogate (the access our black-box "
+                        "maps have), beside those on the box's own network")
     p.add_argument("--served", action="store_true",
                    help="faces/elpv: the box (and the white box's answers) as our service runs it, resizing "
                         "the 8-bit image as uint8")
@@ -368,7 +388,10 @@ def main(argv=None) -> int:
         for spec, run in runs.items():
             maps[f"ours: {spec}"] = [pixel_magnitude(r.perturbation) if r.success and r.perturbation is not None
                                      else torch.zeros(x.shape[-2:]) for r, x in zip(run["_results"], setup.photos)]
-        maps.update(captum_maps(setup, ["Saliency", "Integrated Gradients", "GradCAM", "Occlusion"]))
+        captum = ["Saliency", "Integrated Gradients", "GradCAM", "Occlusion"]
+        maps.update(captum_maps(setup, captum))
+        if args.captum_on_surrogate:
+            maps.update({f"{k} (surrogate)": v for k, v in captum_maps(setup, captum, on="surrogate").items()})
         g = torch.Generator().manual_seed(args.seed)
         maps["random"] = [torch.rand(x.shape[-2:], generator=g) for x in setup.photos]
         for name, per_image in maps.items():
@@ -390,7 +413,9 @@ def main(argv=None) -> int:
                    "wall_seconds": time.perf_counter() - started,
                    "deletion_protocol": "replace the top-k% pixels (by the map) with a Gaussian-blurred copy "
                                         "(kernel 11, sigma 5), k = 0..100% in 32 steps; area under the box's "
-                                        "P(mistaken class); Captum maps target the true class on the box's network"},
+                                        "P(mistaken class); Captum maps target the true class on the box's network, "
+                                        "those marked (surrogate) on the surrogate",
+                   "captum_on_surrogate": args.captum_on_surrogate},
         "table": table, "maps_table": maps_table, "runs": runs, "maps": map_scores})
     print(f"wrote {out}")
     return 0
