@@ -127,3 +127,32 @@ def test_perturbed_surrogates_for_tuning_move_weights_by_rounding_size_only():
         assert 0 < float(moved.max()) < 1e-5 and float(moved.mean()) > 1e-8  # every weight moved, by ~1e-6
         assert torch.allclose(copy.logits(x), base, atol=1e-4)
     assert not torch.equal(copies[0].logits(x), copies[1].logits(x))  # seeds differ
+
+
+def test_paper_scale_variants_parse_to_labelled_options():
+    from bench.paper_scale import parse_variant
+
+    assert parse_variant("before:patience=null;max_grid=None") == ("before", {"patience": None, "max_grid": None})
+    assert parse_variant("wide:grid=48;sigma=0.05;") == ("wide", {"grid": 48, "sigma": 0.05})
+    assert parse_variant("plain:") == ("plain", {})
+    for bad in ("no-colon", ":grid=4", "x:grid"):
+        with pytest.raises(SystemExit):
+            parse_variant(bad)
+
+
+def test_captum_surrogate_net_is_the_surrogates_mean_logits():
+    from advexplain.shared.classifiers import LocalClassifier
+    from advexplain.shared.explain import EnsembleSurrogate
+    from advexplain.shared.models import ModelConfig, PaperCNN
+    from bench.native_resolution import SurrogateNet
+
+    torch.manual_seed(0)
+    a, b = (LocalClassifier(PaperCNN(ModelConfig(architecture="surrogate", image_size=size, width=0.0625)),
+                            ["a", "b"]).freeze() for size in (32, 48))
+    x = torch.rand(2, 3, 50, 40)
+    assert torch.allclose(SurrogateNet(a)(x), a.logits(x))
+    assert torch.allclose(SurrogateNet(EnsembleSurrogate([a, b]))(x), (a.logits(x) + b.logits(x)) / 2, atol=1e-6)
+    # Captum differentiates it with respect to the photo.
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(SurrogateNet(a)(x)[:, 1].sum(), x)
+    assert grad.shape == x.shape and bool(grad.abs().sum() > 0)
