@@ -268,6 +268,17 @@ def jitter_weights(model: torch.nn.Module, seed: int, scale: float = 1e-6) -> to
     return out
 
 
+def parse_sets(pairs) -> dict:
+    """['key=value', ...] -> {key: value}: JSON values, None or none for None."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise SystemExit(f"{pair!r} is not key=value")
+        out[key.strip()] = None if value.strip() in ("None", "none") else json.loads(value)
+    return out
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n")

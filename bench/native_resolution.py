@@ -48,7 +48,17 @@ from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.pixels import quantise
 from advexplain.shared.saliency import pixel_magnitude, saliency_map
-from bench.common import RESULTS, auc, fmt, gaussian_blur, jitter_weights, markdown_table, rank_order, write_json
+from bench.common import (
+    RESULTS,
+    auc,
+    fmt,
+    gaussian_blur,
+    jitter_weights,
+    markdown_table,
+    parse_sets,
+    rank_order,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = [i / 32 for i in range(33)]
@@ -289,14 +299,6 @@ def deletion_aucs(setup: Setup, maps: list[torch.Tensor], seed: int) -> list[flo
         blurred = gaussian_blur(x)
         curve = setup.probabilities(blend(x, blurred, m, seed + i))[:, mistaken]
         out.append(auc(FRACTIONS, curve.tolist()))
-    return out
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key] = json.loads(value) if value not in ("None", "none") else None
     return out
 
 

@@ -37,6 +37,7 @@ from advexplain.shared.models import ModelConfig  # noqa: E402
 from advexplain.shared.training import channel_stats, predict, train_model  # noqa: E402
 from bench.batching import measure
 from bench.batching import table as batching_table
+from bench.common import parse_sets
 
 
 class Log:
@@ -262,13 +263,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     label, sep, pairs = spec.partition(":")
     if not label or not sep:
         raise SystemExit(f"--variant {spec!r}: expected LABEL:key=value;...")
-    options = {}
-    for pair in filter(None, pairs.split(";")):
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise SystemExit(f"--variant {spec!r}: {pair!r} is not key=value")
-        options[key.strip()] = None if value.strip() in ("None", "none") else json.loads(value)
-    return label, options
+    return label, parse_sets(filter(None, pairs.split(";")))
 
 
 def concurrent_throughput(args, photos, wrong: list[int], blackbox_model, surrogate: LocalClassifier, log) -> list:
