@@ -36,6 +36,7 @@ class TrainingRecord(BaseModel):
     lr: float
     device: str
     seconds: float
+    augment: bool = False  # trained on shared.training.augment_batch views
     history: list[dict[str, Any]] = Field(default_factory=list)
 
 

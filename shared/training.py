@@ -138,6 +138,33 @@ class TrainResult:
     val_balanced_accuracy: float
 
 
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random views of a training batch ((N, C, H, W) in [0, 1]), one per image, seeded: a crop of
+    70-100% of each side (by `grid_sample`, bilinear), a horizontal flip for half of them, and, for
+    half the batches, a trip through a random lower resolution (as a box's resize would take it),
+    plus Gaussian noise of std 0.02. What the explainer's search does to a candidate before the
+    surrogate sees it (`shared/explain/margin.Views`), so the surrogate learns not to lean on one
+    input geometry."""
+    n, _, h, w = x.shape
+    scale = 0.7 + 0.3 * torch.rand(n, generator=generator)
+    shift_x = (1 - scale) * (2 * torch.rand(n, generator=generator) - 1)
+    shift_y = (1 - scale) * (2 * torch.rand(n, generator=generator) - 1)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = scale * flip, shift_x
+    theta[:, 1, 1], theta[:, 1, 2] = scale, shift_y
+    theta = theta.to(x.device, x.dtype)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if float(torch.rand((), generator=generator)) < 0.5:
+        low = int(torch.randint(max(8, min(h, w) // 3), min(h, w) + 1, (), generator=generator))
+        small = F.interpolate(out, size=(low, max(8, round(w * low / h))), mode="bilinear", antialias=True,
+                              align_corners=False)
+        out = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    noise = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+    return (out + 0.02 * noise).clamp(0, 1)
+
+
 def train_model(
     config: ModelConfig,
     train_set: ImageSet,
@@ -151,11 +178,13 @@ def train_model(
     targets: torch.Tensor | None = None,
     progress: bool = True,
     check: bool = True,
+    augment: bool = False,
 ) -> TrainResult:
     """Adam + cross-entropy, as in the paper. Same seed and device give the same weights.
 
     targets: optional (N, K) probabilities per training image (soft labels, for distillation);
-    by default the folder labels are the targets. Every epoch's history entry holds the validation
+    by default the folder labels are the targets. augment: train on `augment_batch` views of each
+    batch instead of the images as they are. Every epoch's history entry holds the validation
     accuracy overall, per class and balanced. Raises TrainingCollapsed when `check` is on and the
     trained network's validation predictions collapse (see check_collapse).
     """
@@ -180,6 +209,8 @@ def train_model(
             if len(idx) < 2:  # BatchNorm needs two samples; drop a lone leftover image this epoch
                 continue
             x = train_set.as_float(idx).to(device)
+            if augment:
+                x = augment_batch(x, generator)
             y = train_set.labels[idx].to(device)
             logits = model(x)
             if targets is None:
@@ -212,7 +243,7 @@ def train_model(
         check_collapse(predictions, val_set.labels, val_set.classes)
     per_class = class_accuracy(predictions, val_set.labels, val_set.classes)
     record = TrainingRecord(seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, device=str(device),
-                            seconds=round(seconds, 2), history=history)
+                            seconds=round(seconds, 2), augment=augment, history=history)
     return TrainResult(model=model, record=record,
                        val_accuracy=round(float((predictions == val_set.labels).float().mean()), 6),
                        train_accuracy=history[-1]["train_accuracy"] if history else 0.0,

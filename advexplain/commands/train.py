@@ -58,6 +58,8 @@ def register(sub) -> None:
     p.add_argument("--distill-label-only", action="store_true",
                    help="with a CHECKPOINT: use only its labels, as from a hard-label black box")
     add_oip_flags(p)
+    p.add_argument("--augment", action="store_true",
+                   help="train on random views of each batch (crops, flips, a lower resolution, noise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -102,7 +104,7 @@ def run(args) -> int:
     config = ModelConfig(architecture=args.kind, image_size=image_size, num_classes=len(train_set.classes),
                          width=width, mean=mean, std=std)
     result = train_model(config, train_set, val_set, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, device=device, progress=progress, targets=targets)
+                         seed=args.seed, device=device, progress=progress, targets=targets, augment=args.augment)
     metrics = {"val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy,
                "val_balanced_accuracy": result.val_balanced_accuracy}
     # config.json's metrics are flat numbers: one key per class, absent for a class without validation images.

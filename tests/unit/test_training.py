@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from advexplain.shared.data import ELPV4_CLASSES, ImageSet
 from advexplain.shared.errors import TrainingCollapsed
 from advexplain.shared.models import ModelConfig, PaperCNN
-from advexplain.shared.training import balanced_accuracy, check_collapse, class_accuracy, predict, train_model
+from advexplain.shared.training import (
+    augment_batch,
+    balanced_accuracy,
+    check_collapse,
+    class_accuracy,
+    predict,
+    train_model,
+)
 
 
 def toy_set(n: int = 64, seed: int = 0) -> ImageSet:
@@ -49,6 +56,27 @@ def test_a_few_steps_lower_the_loss():
     losses = [h["loss"] for h in result.record.history]
     assert losses[-1] < losses[0]
     assert result.val_accuracy > 0.9
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), h=st.integers(8, 40), w=st.integers(8, 40), seed=st.integers(0, 2**31 - 1))
+def test_augmented_views_keep_shape_and_range_and_are_seeded(n, h, w, seed):
+    x = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    a = augment_batch(x, torch.Generator().manual_seed(seed))
+    b = augment_batch(x, torch.Generator().manual_seed(seed))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, x)
+
+
+def test_augmented_training_still_learns_and_says_so():
+    data = toy_set()
+    result = train_model(CONFIG, data, data, epochs=6, batch_size=8, seed=0, progress=False, augment=True)
+    assert result.record.augment
+    assert result.val_accuracy > 0.9
+    plain = train_model(CONFIG, data, data, epochs=1, batch_size=8, seed=0, progress=False, check=False)
+    assert not plain.record.augment
 
 
 def test_same_seed_same_weights():
