@@ -85,6 +85,9 @@ def main() -> int:
                    help="also run black-box `margin` on every surrogate with these options (JSON values, null for "
                         "None), side by side with the default on the same models; e.g. "
                         "'fixed-grid:max_grid=null' (repeatable)")
+    p.add_argument("--augmented-surrogate", action="store_true",
+                   help="also train a ground-truth surrogate on augmented views (train surrogate --augment) on the "
+                        "same images and run black-box `margin` (and the variants) on it")
     args = p.parse_args()
     if not args.data:
         p.error("--data or ADVEXPLAIN_FACES is required")
@@ -110,7 +113,7 @@ def main() -> int:
         seconds=round(time.perf_counter() - t, 2),
     )
 
-    def fit(kind: str, images, epochs: int, targets=None, val_set=val):
+    def fit(kind: str, images, epochs: int, targets=None, val_set=val, augment: bool = False):
         mean, std = channel_stats(images)
         config = ModelConfig(
             architecture=kind,
@@ -121,7 +124,7 @@ def main() -> int:
             std=std,
         )
         result = train_model(config, images, val_set, epochs=epochs, seed=args.seed, device=device, targets=targets,
-                             progress=False)
+                             progress=False, augment=augment)
         return result
 
     t = time.perf_counter()
@@ -154,6 +157,14 @@ def main() -> int:
         "ground-truth": {"model": sur.model, "distillation_queries": 0},
         "distilled": {"model": dis.model, "distillation_queries": distill_oracle.queries},
     }
+    val_accuracy = {"ground-truth": sur.val_accuracy, "distilled": dis.val_accuracy}
+    if args.augmented_surrogate:
+        t = time.perf_counter()
+        aug = fit("surrogate", local, args.surrogate_epochs, augment=True)
+        surrogates["augmented"] = {"model": aug.model, "distillation_queries": 0}
+        val_accuracy["augmented"] = aug.val_accuracy
+        log(stage="train", model="surrogate-augmented", images=len(local), epochs=args.surrogate_epochs,
+            val_accuracy=aug.val_accuracy, seconds=round(time.perf_counter() - t, 2))
     for s in surrogates.values():
         s["held_back_agreement"] = agree(s["model"])
         s["validation_agreement"] = val_agree(s["model"])
@@ -195,6 +206,8 @@ def main() -> int:
         "distilled": members["distilled"],
         "ensemble": EnsembleSurrogate([members["ground-truth"], members["distilled"]]),
     }
+    if "augmented" in members:
+        sources["augmented"] = members["augmented"]
     # (mode, method, surrogate, label-only oracle, variant label, extra options)
     runs: list[tuple[str, str, str | None, bool, str | None, dict]] = [
         ("whitebox", "paper", None, False, None, {}),
@@ -205,6 +218,9 @@ def main() -> int:
         runs += [("blackbox", "paper", surrogate, False, None, {}), ("blackbox", "margin", surrogate, True, None, {}),
                  ("blackbox", "margin-linf", surrogate, True, None, {})]
         runs += [("blackbox", "margin", surrogate, True, label, options) for label, options in variants]
+    if "augmented" in sources:
+        runs += [("blackbox", "margin", "augmented", True, None, {})]
+        runs += [("blackbox", "margin", "augmented", True, label, options) for label, options in variants]
 
     summary, throughput = [], []
     for view in args.views:
@@ -244,7 +260,7 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "blackbox_val_accuracy": bb.val_accuracy,
         "surrogates": {k: {kk: vv for kk, vv in v.items() if kk != "model"} for k, v in surrogates.items()},
-        "surrogate_val_accuracy": {"ground-truth": sur.val_accuracy, "distilled": dis.val_accuracy},
+        "surrogate_val_accuracy": val_accuracy,
         "misclassified": len(wrong),
         "misclassified_by_view": {view: len(m) for view, m in mistakes.items()},
         "commit": os.environ.get("ADVEXPLAIN_COMMIT"),

@@ -113,8 +113,6 @@ class MarginOptions(SearchOptions):
     against 2.68), but by changes at the cap (median L-inf 32/255 against 12/255: the pessimistic
     copy skips the middle budgets), and cost the third-party box successes (94.1% against 98.9%);
     at 1e-4, 89.4% and 18/255 on elpv, 92.2% on the third-party box.
-    adapt_after: the first adaptation comes after this many rejected queries (it then learns from all
-    of them), so the searches the untouched source wins in its first rounds stay as they are.
     grey_change: whether a grey photo (no pixel's channels more than GREY_LEVELS apart) gets a grey
     change, one channel added to all three, instead of channels that change apart. None (default):
     when the gradient source was trained on grey images (`trained_on_grey`), a sign that the box
@@ -146,12 +144,9 @@ class MarginOptions(SearchOptions):
     max_rounds: int = Field(6, ge=1, le=100)
     patience: int | None = Field(2, ge=1, le=1000)
     overshoot: float = Field(0.02, ge=0, le=10, allow_inf_nan=False)
-    step_gain: float | None = Field(None, gt=0, allow_inf_nan=False)
-    cap_linf_after: int | None = Field(None, ge=0, le=100)
     grey_change: bool | None = None
     adapt_steps: int = Field(0, ge=0, le=1000)
     adapt_lr: float = Field(1e-3, gt=0, le=1, allow_inf_nan=False)
-    adapt_after: int = Field(1, ge=1, le=100)
 
     @model_validator(mode="after")
     def _views(self) -> MarginOptions:
@@ -178,16 +173,15 @@ class MarginSearch(Method):
         shape = self._grid_shape(s.image, None if white else o.grid, grey)
         z = torch.zeros(shape, dtype=s.image.dtype, device=s.image.device)
         finest = None if white or o.max_grid is None else (shape[0], *self._grid_shape(s.image, o.max_grid)[1:])
-        first_margin, rounds, cap_failures = margin, 0, 0
+        first_margin, rounds = margin, 0
         failures: list[torch.Tensor] = []  # candidates the oracle rejected, for `adapt_steps`
         tuned: GradientSource | None = None  # this search's own fine-tuned copy of the gradient source
         for n, eps in enumerate(budgets):
             last = n == len(budgets) - 1
             while True:
-                sign_steps = last and o.cap_linf_after is not None and cap_failures >= o.cap_linf_after
                 z, candidate, reached, steps = self._walk(s, z, eps, margin, views,
                                                           finest if rounds >= o.finer_after else None,
-                                                          first_margin, "linf" if sign_steps else o.norm)
+                                                          first_margin)
                 if reached is None:
                     s.failure_reason = FAILED_NO_GRADIENT
                     return
@@ -201,14 +195,12 @@ class MarginSearch(Method):
                     self._refine(s, candidate, o.refine)
                     return
                 rounds += 1
-                cap_failures += last
                 margin *= o.margin_growth
                 if o.adapt_steps and views is not None:
                     failures.append(candidate)
-                    if rounds >= o.adapt_after:
-                        tuned = self._adapt(s, tuned, failures, views, o)
-                        if tuned is not None:
-                            s.gradient_source = tuned
+                    tuned = self._adapt(s, tuned, failures, views, o)
+                    if tuned is not None:
+                        s.gradient_source = tuned
                 if rounds >= o.max_rounds:
                     s.failure_reason = FAILED_MAX_LINF
                     return
@@ -265,7 +257,6 @@ class MarginSearch(Method):
     def _walk(
         self, s: Search, z: torch.Tensor, eps: float, target: float, views: Views | None,
         finest: tuple[int, int, int] | None = None, finer_below: float = float("inf"),
-        norm: Literal["l2", "linf"] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float | None, int]:
         """Free DeepFool steps on z (the change on its grid) inside |change| <= eps until the 8-bit
         candidate has margin >= target. A walk pinned by its budget (see `patience`) below a margin
@@ -273,7 +264,6 @@ class MarginSearch(Method):
         Returns (z, perhaps on a finer grid; candidate; margin at the candidate, or None when there
         is no gradient; steps taken)."""
         o: MarginOptions = s.options  # type: ignore[assignment]
-        norm = norm or o.norm
         eps = max_levels(eps) / 255  # on the 8-bit grid, so rounding cannot pass it
         z = z.clamp(-eps, eps)
         best, stalled = float("-inf"), 0
@@ -286,12 +276,12 @@ class MarginSearch(Method):
             if o.patience is not None:
                 # A walk pinned by its budget closes almost none of the gap to the target margin per
                 # step: after `patience` such steps in a row, ask the oracle now instead.
-                stalled = stalled + 1 if value <= best + STALL_GAIN * (_aim(target, best, o.step_gain) - best) else 0
+                stalled = stalled + 1 if value <= best + STALL_GAIN * (target - best) else 0
                 best = max(best, value)
             # Coordinates already at the budget and pushed outwards cannot move: leave them out of the step.
             free = ~(((z >= eps) & (grad > 0)) | ((z <= -eps) & (grad < 0)))
             g = grad * free
-            size = float(g.abs().sum()) if norm == "linf" else float((g * g).sum())
+            size = float(g.abs().sum()) if o.norm == "linf" else float((g * g).sum())
             if size == 0.0 or (o.patience is not None and stalled >= o.patience):
                 finer = _finer(z.shape, finest) if value < finer_below else None
                 if finer is None:
@@ -301,8 +291,8 @@ class MarginSearch(Method):
                 z = upsample(z, *finer[-2:]).clamp(-eps, eps)
                 stalled = 0
                 continue
-            need = (_aim(target, value, o.step_gain) - value) * (1.0 + o.overshoot)
-            direction = g.sign() * (need / size) if norm == "linf" else g * (need / size)
+            need = (target - value) * (1.0 + o.overshoot)
+            direction = g.sign() * (need / size) if o.norm == "linf" else g * (need / size)
             # A step below one 8-bit level would round away and stall the walk.
             top = float(direction.abs().max())
             if 0 < top < QUANTUM:
@@ -361,11 +351,6 @@ class MarginSearchLinf(MarginSearch):
         if s.options.norm != "linf":  # type: ignore[attr-defined]
             s.options = s.options.model_copy(update={"norm": "linf"})
         super().search(s)
-
-
-def _aim(target: float, value: float, step_gain: float | None) -> float:
-    """The margin one step aims at: the target, or at most `step_gain` above the current value."""
-    return target if step_gain is None else min(target, value + step_gain)
 
 
 def _finer(shape: torch.Size | tuple[int, ...], finest: tuple[int, int, int] | None) -> tuple[int, int, int] | None:

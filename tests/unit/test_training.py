@@ -189,16 +189,19 @@ def test_collapsed_training_saves_nothing(tmp_path: Path):
     assert not (out / "model.safetensors").exists()
 
 
-def test_cli_trains_and_stores_accuracy(tmp_path: Path):
+@pytest.mark.parametrize("augment", [False, True])
+def test_cli_trains_and_stores_accuracy(tmp_path: Path, augment: bool):
     out = tmp_path / "sur"
     proc = subprocess.run(
         [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs", "3",
-         "--batch-size", "16", "--image-size", "32", "--width", "0.0625", "--seed", "1", "--out", str(out), "--quiet"],
+         "--batch-size", "16", "--image-size", "32", "--width", "0.0625", "--seed", "1", "--out", str(out), "--quiet"]
+        + (["--augment"] if augment else []),
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "config.json").read_text())
     assert meta["kind"] == "surrogate" and meta["training"]["epochs"] == 3 and meta["training"]["seed"] == 1
+    assert meta["training"]["augment"] is augment
     assert meta["data"]["fraction"] == 0.1 and meta["data"]["train_images"] == 210
     assert 0.5 < meta["metrics"]["val_accuracy"] <= 1.0
     assert f"validation accuracy {meta['metrics']['val_accuracy']:.4f}" in proc.stdout
