@@ -157,7 +157,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if float(torch.rand((), generator=generator)) < 0.5:
-        low = int(torch.randint(max(8, min(h, w) // 3), min(h, w) + 1, (), generator=generator))
+        side = min(h, w)
+        low = int(torch.randint(min(max(8, side // 3), side), side + 1, (), generator=generator))
         small = F.interpolate(out, size=(low, max(8, round(w * low / h))), mode="bilinear", antialias=True,
                               align_corners=False)
         out = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
