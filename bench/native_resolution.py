@@ -191,8 +191,13 @@ def load_setup(args) -> Setup:
 
 # -- our method -------------------------------------------------------------------------------------
 
-def jittered(source: LocalClassifier, seed: int) -> LocalClassifier:
-    """A frozen copy of `source` with its weights jittered by 1e-6 (`--perturb`)."""
+def jittered(source: LocalClassifier | EnsembleSurrogate, seed: int) -> LocalClassifier | EnsembleSurrogate:
+    """A frozen copy of `source` with its weights jittered by 1e-6 (`--perturb`); an ensemble, member by member."""
+    if isinstance(source, EnsembleSurrogate):
+        members = [m for m in source.members if isinstance(m, LocalClassifier)]
+        if len(members) != len(source.members):
+            raise SystemExit("--perturb jitters our own networks: every ensemble member must be one")
+        return EnsembleSurrogate([jittered(m, seed * 1000 + i) for i, m in enumerate(members)])
     return LocalClassifier(jitter_weights(source.model, seed), source.classes).freeze()
 
 
@@ -342,8 +347,6 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     setup = load_setup(args)
-    if args.perturb > 1 and not isinstance(setup.surrogate, LocalClassifier):
-        raise SystemExit("--perturb jitters one surrogate: not an ensemble")
     common_options = parse_sets(args.set)
     specs = args.method or ["margin", "margin-linf", "paper", "paper:max_linf=1.0"]
     rows, runs = [], {}

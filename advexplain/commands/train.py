@@ -46,6 +46,9 @@ def register(sub) -> None:
         help="layer width multiplier, 1.0 = the paper (default: 1.0 on CUDA, 0.125 on the CPU)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset-seed", type=int, default=None,
+                   help="seed of the --fraction draw (default: --seed); keep it and change --seed for another "
+                        "initialisation on the same images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="validation")
@@ -80,7 +83,8 @@ def run(args) -> int:
     if train_set.classes != val_set.classes:
         raise SystemExit(f"train classes {train_set.classes} differ from validation classes {val_set.classes}")
     if fraction < 1.0:
-        train_set = sample_fraction(train_set, fraction, seed=args.seed)
+        subset_seed = args.seed if args.subset_seed is None else args.subset_seed
+        train_set = sample_fraction(train_set, fraction, seed=subset_seed)
     load_seconds = time.perf_counter() - started
     print(f"{args.kind}: {len(train_set)} training images {train_set.class_counts()}, {len(val_set)} validation, "
           f"{image_size}x{image_size}, width {width:g}, {epochs} epochs on {device} "

@@ -129,6 +129,27 @@ def test_perturbed_surrogates_for_tuning_move_weights_by_rounding_size_only():
     assert not torch.equal(copies[0].logits(x), copies[1].logits(x))  # seeds differ
 
 
+def test_perturbed_ensemble_jitters_every_member_apart():
+    from advexplain.shared.classifiers import LocalClassifier
+    from advexplain.shared.explain import EnsembleSurrogate
+    from advexplain.shared.models import ModelConfig, PaperCNN
+    from bench.native_resolution import jittered
+
+    torch.manual_seed(0)
+    members = [LocalClassifier(PaperCNN(ModelConfig(architecture="surrogate", image_size=32, width=0.0625)),
+                               ["a", "b"]).freeze() for _ in range(2)]
+    ensemble = EnsembleSurrogate(members)
+    copy = jittered(ensemble, 1)
+    assert isinstance(copy, EnsembleSurrogate) and len(copy.members) == 2
+    x = torch.rand(2, 3, 40, 40)
+    for member, moved in zip(members, copy.members):
+        assert isinstance(moved, LocalClassifier) and moved is not member
+        assert not torch.equal(moved.logits(x), member.logits(x))
+        assert torch.allclose(moved.logits(x), member.logits(x), atol=1e-4)
+    # Each member gets its own jitter, and another perturbation seed another one.
+    assert not torch.equal(jittered(ensemble, 2).margin(x, 0), copy.margin(x, 0))
+
+
 def test_paper_scale_variants_parse_to_labelled_options():
     from bench.paper_scale import parse_variant
 

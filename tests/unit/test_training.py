@@ -211,6 +211,30 @@ def test_cli_trains_and_stores_accuracy(tmp_path: Path, augment: bool):
     assert f"validation accuracy {meta['metrics']['val_accuracy']:.4f}" in proc.stdout
 
 
+def test_cli_subset_seed_keeps_the_images_and_changes_the_initialisation(tmp_path: Path):
+    """--subset-seed fixes which 10% is drawn; --seed alone still draws the images and the weights."""
+    from advexplain.shared.data import fingerprint, load_images, sample_fraction
+
+    def train(name: str, *flags: str) -> dict:
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs",
+             "3", "--batch-size", "16", "--image-size", "32", "--width", "0.0625", "--out", str(out), "--quiet",
+             *flags],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((out / "config.json").read_text())
+
+    kept = train("kept", "--seed", "1", "--subset-seed", "0")
+    drawn = train("drawn", "--seed", "1")
+    images = load_images("elpv", "train", 32, progress=False)
+    assert kept["training"]["seed"] == 1 and kept["data"]["train"]["subset"].endswith("(seed 0)")
+    assert kept["data"]["train_fingerprint"] == fingerprint(sample_fraction(images, 0.1, seed=0))
+    assert drawn["data"]["train_fingerprint"] == fingerprint(sample_fraction(images, 0.1, seed=1))
+    assert kept["data"]["train_fingerprint"] != drawn["data"]["train_fingerprint"]
+
+
 def test_cli_trains_elpv4_and_reports_per_class_accuracy(tmp_path: Path):
     out = tmp_path / "bb4"
     proc = subprocess.run(
