@@ -86,8 +86,9 @@ def main() -> int:
                         "None), side by side with the default on the same models; e.g. "
                         "'fixed-grid:max_grid=null' (repeatable)")
     p.add_argument("--augmented-surrogate", action="store_true",
-                   help="also train a ground-truth surrogate on augmented views (train surrogate --augment) on the "
-                        "same images and run black-box `margin` (and the variants) on it")
+                   help="also train a ground-truth surrogate on augmented views (what `train surrogate` trains by "
+                        "default; the ground-truth and distilled surrogates here train as the paper does) on the same "
+                        "images and run black-box `margin` (and the variants) on it")
     args = p.parse_args()
     if not args.data:
         p.error("--data or ADVEXPLAIN_FACES is required")

@@ -11,7 +11,7 @@ from advexplain.shared.checkpoints import save_checkpoint
 from advexplain.shared.data import BUILTIN, fingerprint, load_images, sample_fraction
 from advexplain.shared.devices import pick_device
 from advexplain.shared.distill import distill_labels
-from advexplain.shared.errors import InvalidInput
+from advexplain.shared.errors import InvalidInput, TrainingCollapsed
 from advexplain.shared.models import ModelConfig
 from advexplain.shared.training import channel_stats, predict, train_model
 
@@ -61,8 +61,10 @@ def register(sub) -> None:
     p.add_argument("--distill-label-only", action="store_true",
                    help="with a CHECKPOINT: use only its labels, as from a hard-label black box")
     add_oip_flags(p)
-    p.add_argument("--augment", action="store_true",
-                   help="train on random views of each batch (crops, flips, a lower resolution, noise)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on random views of each batch (crops, flips, a lower resolution, noise); default: on "
+                        "for a surrogate (its transfer to a box it did not learn from holds across draws), off for a "
+                        "black box (the paper's training)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -76,6 +78,7 @@ def run(args) -> int:
     fraction = args.fraction if args.fraction is not None else DEFAULT_FRACTION[args.kind]
     out = args.out or Path("models") / args.kind
     progress = not args.quiet
+    augment = args.kind == "surrogate" if args.augment is None else args.augment
 
     started = time.perf_counter()
     train_set = load_images(args.data, args.train_split, image_size, progress=progress)
@@ -87,7 +90,8 @@ def run(args) -> int:
         train_set = sample_fraction(train_set, fraction, seed=subset_seed)
     load_seconds = time.perf_counter() - started
     print(f"{args.kind}: {len(train_set)} training images {train_set.class_counts()}, {len(val_set)} validation, "
-          f"{image_size}x{image_size}, width {width:g}, {epochs} epochs on {device} "
+          f"{image_size}x{image_size}, width {width:g}, {epochs} epochs on {device}"
+          f"{', on augmented views' if augment else ''} "
           f"(data loaded in {load_seconds:.1f}s; {len(train_set.skipped)} unreadable skipped)")
 
     distillation, targets, agreement_set = None, None, None
@@ -107,8 +111,15 @@ def run(args) -> int:
     mean, std = channel_stats(train_set)
     config = ModelConfig(architecture=args.kind, image_size=image_size, num_classes=len(train_set.classes),
                          width=width, mean=mean, std=std)
-    result = train_model(config, train_set, val_set, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, device=device, progress=progress, targets=targets, augment=args.augment)
+    try:
+        result = train_model(config, train_set, val_set, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, device=device, progress=progress, targets=targets, augment=augment)
+    except TrainingCollapsed as collapsed:
+        if not augment:
+            raise
+        # Augmented views are a harder task: a small network on few images for few epochs can stay at chance.
+        raise TrainingCollapsed(f"{collapsed.message} It trained on augmented views: more --epochs or "
+                                "--no-augment (the images as they are) may learn.", **collapsed.details) from collapsed
     metrics = {"val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy,
                "val_balanced_accuracy": result.val_balanced_accuracy}
     # config.json's metrics are flat numbers: one key per class, absent for a class without validation images.

@@ -167,6 +167,25 @@ def test_train_command_parses_with_the_cli():
         assert args.command == "train" and args.kind in ("blackbox", "surrogate")
 
 
+def test_make_compose_and_kserve_train_the_same_default_models():
+    """`make up`, compose and the KServe job train the built-in models alike: the surrogate with
+    --no-augment (chosen for elpv; see README, Training), the black box as the paper does."""
+    sources = {
+        "Makefile": (ROOT / "Makefile").read_text().replace("$(BIN)/", "").replace("$(MODELS)", "/models"),
+        "compose": SERVICES["train"]["command"][-1],
+        "kserve": (ROOT / "deploy" / "kserve" / "20-train-job.yaml").read_text(),
+    }
+    trained = {}
+    for name, text in sources.items():
+        commands = [build_parser().parse_args(shlex.split(c))
+                    for c in re.findall(r"advexplain (train (?:blackbox|surrogate)[^)&|\n]*)", text)]
+        trained[name] = sorted((a.kind, a.augment, a.data, a.fraction, a.seed, str(a.out)) for a in commands)
+        assert [kind for kind, *_ in trained[name]] == ["blackbox", "surrogate"], name
+    assert trained["Makefile"] == trained["compose"] == trained["kserve"]
+    by_kind = {kind: augment for kind, augment, *_ in trained["Makefile"]}
+    assert by_kind == {"blackbox": None, "surrogate": False}
+
+
 def test_dockerignore_keeps_data_and_models_out():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "models", "tests", "bench"} <= ignored

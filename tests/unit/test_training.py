@@ -180,32 +180,38 @@ def test_healthy_two_class_model_is_no_collapse():
     assert set(result.val_class_accuracy) == {"dark", "bright"} and result.val_balanced_accuracy > 0.9
 
 
-def test_collapsed_training_saves_nothing(tmp_path: Path):
-    """lr so high the network diverges to one class: the CLI says so and writes no checkpoint."""
+@pytest.mark.parametrize("flags", [[], ["--no-augment"]])
+def test_collapsed_training_saves_nothing(tmp_path: Path, flags: list[str]):
+    """lr so high the network diverges to one class: the CLI says so, and writes no checkpoint; a
+    surrogate trained on augmented views (the default) is also told it may learn without them."""
     out = tmp_path / "bb"
     proc = subprocess.run(
         [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs", "1",
-         "--image-size", "32", "--width", "0.0625", "--lr", "50", "--fraction", "0.2", "--out", str(out), "--quiet"],
+         "--image-size", "32", "--width", "0.0625", "--lr", "50", "--fraction", "0.2", "--out", str(out), "--quiet",
+         *flags],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "collapsed" in proc.stderr
+    assert ("--no-augment" in proc.stderr) is (not flags)
     assert not (out / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_cli_trains_and_stores_accuracy(tmp_path: Path, augment: bool):
+@pytest.mark.parametrize(("flags", "augment"), [([], True), (["--augment"], True), (["--no-augment"], False)])
+def test_cli_trains_and_stores_accuracy(tmp_path: Path, flags: list[str], augment: bool):
+    """A surrogate trains on augmented views unless told not to; the flag is recorded and said."""
     out = tmp_path / "sur"
     proc = subprocess.run(
         [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv", "--epochs", "3",
          "--batch-size", "16", "--image-size", "32", "--width", "0.0625", "--seed", "1", "--out", str(out), "--quiet"]
-        + (["--augment"] if augment else []),
+        + flags,
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "config.json").read_text())
     assert meta["kind"] == "surrogate" and meta["training"]["epochs"] == 3 and meta["training"]["seed"] == 1
     assert meta["training"]["augment"] is augment
+    assert ("on augmented views" in proc.stdout) is augment
     assert meta["data"]["fraction"] == 0.1 and meta["data"]["train_images"] == 210
     assert 0.5 < meta["metrics"]["val_accuracy"] <= 1.0
     assert f"validation accuracy {meta['metrics']['val_accuracy']:.4f}" in proc.stdout
@@ -245,6 +251,7 @@ def test_cli_trains_elpv4_and_reports_per_class_accuracy(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "config.json").read_text())
     assert tuple(meta["classes"]) == ELPV4_CLASSES and meta["data"]["validation"]["view"] == "elpv4"
+    assert meta["training"]["augment"] is False  # a black box trains as the paper does unless told otherwise
     metrics = meta["metrics"]
     per_class = {name: metrics[f"val_class_accuracy/{name}"] for name in ELPV4_CLASSES}
     assert metrics["val_balanced_accuracy"] == pytest.approx(sum(per_class.values()) / 4, abs=1e-5)
