@@ -8,8 +8,7 @@ from pathlib import Path
 
 def distill_surrogate(source: str, out: Path, *extra: str) -> list[str]:
     """`advexplain train surrogate` at test size (elpv, 32x32, width 0.0625, 8 epochs), its labels
-    bought from `source` (a black-box URL or checkpoint) with a 150-query budget. On the images as
-    they are (--no-augment): at this size 8 epochs of augmented views can stay at chance."""
+    bought from `source` (a black-box URL or checkpoint) with a 150-query budget."""
     return [sys.executable, "-m", "advexplain", "--threads", "1", "train", "surrogate", "--data", "elpv",
             "--epochs", "8", "--batch-size", "8", "--image-size", "32", "--width", "0.0625",
-            "--no-augment", "--distill-from", source, "--distill-budget", "150", *extra, "--out", str(out), "--quiet"]
+            "--distill-from", source, "--distill-budget", "150", *extra, "--out", str(out), "--quiet"]

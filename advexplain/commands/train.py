@@ -64,7 +64,8 @@ def register(sub) -> None:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="train on random views of each batch (crops, flips, a lower resolution, noise); default: on "
                         "for a surrogate (its transfer to a box it did not learn from holds across draws), off for a "
-                        "black box (the paper's training)")
+                        "distilled one (it learns the box's answers on the images as they are) and for a black box "
+                        "(the paper's training)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -78,7 +79,9 @@ def run(args) -> int:
     fraction = args.fraction if args.fraction is not None else DEFAULT_FRACTION[args.kind]
     out = args.out or Path("models") / args.kind
     progress = not args.quiet
-    augment = args.kind == "surrogate" if args.augment is None else args.augment
+    # Default: a surrogate learning the images' own labels trains on augmented views; one distilled from a
+    # box learns its answers on the images as the box saw them (bench/README.md, "Three draws").
+    augment = (args.kind == "surrogate" and not args.distill_from) if args.augment is None else args.augment
 
     started = time.perf_counter()
     train_set = load_images(args.data, args.train_split, image_size, progress=progress)

@@ -115,8 +115,8 @@ def test_distillation_spends_exactly_its_budget_on_the_server(onnx_oip_box, tmp_
     before = onnx_oip_box.counted()
     out = tmp_path / "distilled"
     done = run_cli("train", "surrogate", "--data", "elpv", "--epochs", "4", "--batch-size", "16", "--image-size", "32",
-                   "--width", "0.0625", "--no-augment", "--distill-from", onnx_oip_box.model_url,
-                   "--distill-budget", "150", "--out", str(out), "--quiet")
+                   "--width", "0.0625", "--distill-from", onnx_oip_box.model_url, "--distill-budget", "150",
+                   "--out", str(out), "--quiet")
     assert done.returncode == 0, done.stderr
     distillation = json.loads((out / "config.json").read_text())["distillation"]
     assert distillation["queries"] == 150 == onnx_oip_box.counted() - before

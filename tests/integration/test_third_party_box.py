@@ -164,8 +164,9 @@ def test_distillation_and_evaluate_need_only_predict(box, tiny_models, tmp_path)
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    distillation = json.loads((out / "config.json").read_text())["distillation"]
-    assert distillation["queries"] == 150 == box.counted() - before
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["distillation"]["queries"] == 150 == box.counted() - before
+    assert meta["training"]["augment"] is False  # a distilled surrogate learns the box's answers as they are
 
     before = box.counted()
     report = tmp_path / "report"
