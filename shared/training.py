@@ -72,8 +72,12 @@ def balanced_accuracy(per_class: dict[str, float | None]) -> float:
     return float(sum(present) / len(present)) if present else float("nan")
 
 
-def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> None:
+def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
+                   augmented: bool = False) -> None:
     """Raise TrainingCollapsed when the network's validation predictions say nothing about the labels.
+
+    augmented: the network trained on augmented views, a harder task (a small network on few images
+    for few epochs can stay at chance), so the advice also names training on the images as they are.
 
     predictions, labels: (N,) int64 class indices of the validation images. Two rules, either fires:
 
@@ -93,6 +97,7 @@ def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tup
     one (balanced accuracy 0.40, bar 0.29). Healthy two-class elpv models sit far above the bar:
     the CPU defaults score 0.77 (black box) and 0.68 (surrogate) against 0.525 for K = 2.
     """
+    advice = " It trained on augmented views: more --epochs or --no-augment may learn." if augmented else ""
     counts = torch.bincount(predictions, minlength=len(classes))
     top = int(counts.argmax())
     share = float(counts[top]) / max(1, len(predictions))
@@ -101,7 +106,7 @@ def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tup
         raise TrainingCollapsed(
             f"training collapsed to a constant predictor: {share:.1%} of validation images are predicted "
             f"'{classes[top]}' (its true share is {label_share:.1%}). Nothing was saved. Try another --seed, "
-            "a larger --width, or a lower --lr.",
+            "a larger --width, or a lower --lr." + advice,
             predicted_share=share,
         )
     per_class = class_accuracy(predictions, labels, classes)
@@ -117,7 +122,7 @@ def check_collapse(predictions: torch.Tensor, labels: torch.Tensor, classes: tup
             f"training collapsed to chance level: balanced accuracy {balanced:.3f} for {present} classes "
             f"(chance {chance:.3f}); per-class accuracy {listed}; {share:.1%} of validation images are predicted "
             f"'{classes[top]}'. Nothing was saved. Try more --epochs, another --seed, a larger --width, "
-            "or a lower --lr.",
+            "or a lower --lr." + advice,
             predicted_share=share,
             balanced_accuracy=balanced,
             class_accuracy=per_class,
@@ -241,7 +246,7 @@ def train_model(
     if predictions is None:
         predictions = predict(model, val_set, device=device)
     if check:
-        check_collapse(predictions, val_set.labels, val_set.classes)
+        check_collapse(predictions, val_set.labels, val_set.classes, augmented=augment)
     per_class = class_accuracy(predictions, val_set.labels, val_set.classes)
     record = TrainingRecord(seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, device=str(device),
                             seconds=round(seconds, 2), augment=augment, history=history)

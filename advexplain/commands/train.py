@@ -11,7 +11,7 @@ from advexplain.shared.checkpoints import save_checkpoint
 from advexplain.shared.data import BUILTIN, fingerprint, load_images, sample_fraction
 from advexplain.shared.devices import pick_device
 from advexplain.shared.distill import distill_labels
-from advexplain.shared.errors import InvalidInput, TrainingCollapsed
+from advexplain.shared.errors import InvalidInput
 from advexplain.shared.models import ModelConfig
 from advexplain.shared.training import channel_stats, predict, train_model
 
@@ -114,15 +114,8 @@ def run(args) -> int:
     mean, std = channel_stats(train_set)
     config = ModelConfig(architecture=args.kind, image_size=image_size, num_classes=len(train_set.classes),
                          width=width, mean=mean, std=std)
-    try:
-        result = train_model(config, train_set, val_set, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, device=device, progress=progress, targets=targets, augment=augment)
-    except TrainingCollapsed as collapsed:
-        if not augment:
-            raise
-        # Augmented views are a harder task: a small network on few images for few epochs can stay at chance.
-        raise TrainingCollapsed(f"{collapsed.message} It trained on augmented views: more --epochs or "
-                                "--no-augment (the images as they are) may learn.", **collapsed.details) from collapsed
+    result = train_model(config, train_set, val_set, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed, device=device, progress=progress, targets=targets, augment=augment)
     metrics = {"val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy,
                "val_balanced_accuracy": result.val_balanced_accuracy}
     # config.json's metrics are flat numbers: one key per class, absent for a class without validation images.
