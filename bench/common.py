@@ -160,6 +160,24 @@ def topk_mask(saliency: torch.Tensor, fraction: float, seed: int = 0) -> torch.T
     return mask.view_as(saliency)
 
 
+def centre_map(h: int, w: int) -> torch.Tensor:
+    """(H, W) reference map that knows nothing of the image: pixels ranked by their closeness to the
+    centre (the negative distance, in pixels). Photos of one subject (faces) put it in the middle,
+    so a deletion curve rewards this prior alone; a map is worth its image only if it beats this."""
+    yy = torch.arange(h, dtype=torch.float32) - (h - 1) / 2
+    xx = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
+    return -(yy[:, None] ** 2 + xx[None, :] ** 2).sqrt()
+
+
+def resized_map(saliency: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(H', W') map -> (h, w), bilinear: another photo's map laid on this one (the control for
+    whether a map says something about its own image rather than where such images keep their subject)."""
+    if tuple(saliency.shape) == (h, w):
+        return saliency.detach().float().clone()
+    return torch.nn.functional.interpolate(saliency.detach().float()[None, None], size=(h, w), mode="bilinear",
+                                           align_corners=False)[0, 0]
+
+
 def blend_curve_inputs(start: torch.Tensor, end: torch.Tensor, saliency: torch.Tensor,
                        fractions, seed: int = 0) -> torch.Tensor:
     """(len(fractions), C, H, W): `start` with its top-f pixels (by the map) taken from `end`."""

@@ -12,7 +12,9 @@ prediction, every query and every norm are at that size. For each method setting
 success (the box agrees AND the change is within max_linf), mean and median search queries,
 median and 90th-percentile L-inf (in 8-bit levels, over successes), median RMS change, seconds per
 explanation (and per failure), and, with --maps, deletion AUC of our map against Captum's maps on
-the same box's network (lower = the map ranks first the pixels behind the mistake).
+the same box's network (lower = the map ranks first the pixels behind the mistake), beside two
+controls: a map of no photo (closeness to the centre), and every map scored on the next photo
+instead of its own. A map that says something about its own photo beats both.
 
     flock /tmp/advexplain-cpu.lock python -m bench.native_resolution --box thirdparty --split validation --maps
     python -m bench.native_resolution --box faces --split train --limit 60 --set grid=16 --set samples=4
@@ -40,23 +42,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
 
 from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier, fit_to_size
 from advexplain.shared.data import load_photos, served_input
 from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
+from advexplain.shared.explain.margin import MarginOptions, Views, input_side
 from advexplain.shared.pixels import quantise
 from advexplain.shared.saliency import pixel_magnitude, saliency_map
 from bench.common import (
     RESULTS,
     auc,
+    blend_curve_inputs,
+    centre_map,
     fmt,
     gaussian_blur,
     jitter_weights,
     markdown_table,
     parse_sets,
-    rank_order,
+    resized_map,
     write_json,
 )
 
@@ -284,25 +290,38 @@ def captum_maps(setup: Setup, which: list[str], on: str = "box") -> dict[str, li
     return out
 
 
-def blend(start: torch.Tensor, end: torch.Tensor, saliency: torch.Tensor, seed: int) -> torch.Tensor:
-    """(len(FRACTIONS), C, H, W): `start` with its top-f pixels (by the map) taken from `end`."""
-    order = rank_order(saliency, seed)
-    n = order.numel()
-    out = start.unsqueeze(0).repeat(len(FRACTIONS), 1, 1, 1)
-    flat_out, flat_end = out.flatten(2), end.flatten(1)
-    for row, f in enumerate(FRACTIONS):
-        k = int(round(f * n))
-        if k:
-            flat_out[row][:, order[:k]] = flat_end[:, order[:k]]
-    return flat_out.view_as(out)
+def smoothed_maps(setup: Setup, ours: list[torch.Tensor], samples: int = 32,
+                  sigma: float = 5.0) -> dict[str, list[torch.Tensor]]:
+    """Candidate black-box maps from the search's own gradient views (`--smoothed-maps`): the
+    surrogate's true-class margin gradient averaged over `samples` views of the photo (the crops,
+    resizes and noise of margin.Views: a SmoothGrad over geometries), its magnitude (Algorithm 2's
+    reduction), that blurred (Gaussian, `sigma` pixels), and our map weighted by the blurred one."""
+    kernel = 2 * round(2 * sigma) + 1
+    out: dict[str, list[torch.Tensor]] = {"views SmoothGrad (surrogate)": [], "views SmoothGrad, blurred": [],
+                                          "ours x views SmoothGrad, blurred": []}
+    for x, y, m in zip(setup.photos, setup.labels, ours):
+        views = Views(x, MarginOptions(samples=samples), torch.Generator().manual_seed(1),
+                      side=input_side(setup.surrogate))
+        inp = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(setup.surrogate.margin(views(views.to_work(inp)), y).mean(), inp)
+        magnitude = pixel_magnitude(grad)
+        smooth = tv_blur(magnitude[None], kernel_size=[kernel, kernel], sigma=[sigma, sigma])[0]
+        out["views SmoothGrad (surrogate)"].append(magnitude)
+        out["views SmoothGrad, blurred"].append(smooth)
+        out["ours x views SmoothGrad, blurred"].append(m * smooth)
+    return out
 
 
-def deletion_aucs(setup: Setup, maps: list[torch.Tensor], seed: int) -> list[float]:
-    """Per image: area under P(mistaken class) as the top-k% pixels are replaced by a blurred copy."""
+def deletion_aucs(setup: Setup, maps: list[torch.Tensor], seed: int, shift: int = 0) -> list[float]:
+    """Per image: area under P(mistaken class) as the top-k% pixels are replaced by a blurred copy.
+    shift k > 0 ranks photo i's pixels by photo i+k's map (resized; the other-photo control)."""
     out = []
-    for i, (x, mistaken, m) in enumerate(zip(setup.photos, setup.mistaken, maps)):
+    n = len(setup.photos)
+    for i, (x, mistaken) in enumerate(zip(setup.photos, setup.mistaken)):
+        m = resized_map(maps[(i + shift) % n], *x.shape[-2:])
         blurred = gaussian_blur(x)
-        curve = setup.probabilities(blend(x, blurred, m, seed + i))[:, mistaken]
+        curve = setup.probabilities(blend_curve_inputs(x, blurred, m, FRACTIONS, seed + i))[:, mistaken]
         out.append(auc(FRACTIONS, curve.tolist()))
     return out
 
@@ -325,6 +344,9 @@ def main(argv=None) -> int:
     p.add_argument("--captum-on-surrogate", action="store_true",
                    help="with --maps: also Captum's maps computed on the surrogate (the access our black-box "
                         "maps have), beside those on the box's own network")
+    p.add_argument("--smoothed-maps", action="store_true",
+                   help="with --maps: also candidate maps from the surrogate's gradient over the search's views "
+                        "(raw, blurred, and the first --method's map weighted by the blurred one)")
     p.add_argument("--served", action="store_true",
                    help="faces/elpv: the box (and the white box's answers) as our service runs it, resizing "
                         "the 8-bit image as uint8")
@@ -395,15 +417,32 @@ def main(argv=None) -> int:
                                      else torch.zeros(x.shape[-2:]) for r, x in zip(run["_results"], setup.photos)]
         captum = ["Saliency", "Integrated Gradients", "GradCAM", "Occlusion"]
         maps.update(captum_maps(setup, captum))
+        if args.smoothed_maps:
+            first = next(iter(maps.values()))
+            maps.update(smoothed_maps(setup, first))
         if args.captum_on_surrogate:
             maps.update({f"{k} (surrogate)": v for k, v in captum_maps(setup, captum, on="surrogate").items()})
         g = torch.Generator().manual_seed(args.seed)
         maps["random"] = [torch.rand(x.shape[-2:], generator=g) for x in setup.photos]
+        # References: a map of no image at all (closeness to the centre), and every map laid on the
+        # next photo instead of its own: what a map scores for where such photos keep their subject.
+        maps["centre (no image)"] = [centre_map(*x.shape[-2:]) for x in setup.photos]
         for name, per_image in maps.items():
             scores = deletion_aucs(setup, per_image, args.seed)
-            map_scores[name] = {"deletion_auc": float(np.mean(scores)), "per_image": scores}
-        maps_table = markdown_table(["map", "deletion AUC (lower = better)"],
-                                    [[name, fmt(v["deletion_auc"], ".4f")] for name, v in map_scores.items()])
+            other = deletion_aucs(setup, per_image, args.seed, shift=1) if len(per_image) > 1 else scores
+            map_scores[name] = {"deletion_auc": float(np.mean(scores)), "per_image": scores,
+                                "deletion_auc_other_photo": float(np.mean(other)),
+                                "own_beats_other_photo": int(sum(a < b for a, b in zip(scores, other))),
+                                "beats_centre": None}
+        centre = map_scores["centre (no image)"]["per_image"]
+        for v in map_scores.values():
+            v["beats_centre"] = int(sum(a < b for a, b in zip(v["per_image"], centre)))
+        n = len(setup.photos)
+        maps_table = markdown_table(
+            ["map", "deletion AUC (lower = better)", "with the next photo's map", f"own map better (of {n})",
+             f"better than centre (of {n})"],
+            [[name, fmt(v["deletion_auc"], ".4f"), fmt(v["deletion_auc_other_photo"], ".4f"),
+              v["own_beats_other_photo"], v["beats_centre"]] for name, v in map_scores.items()])
         print(maps_table)
 
     for run in runs.values():
@@ -419,8 +458,10 @@ def main(argv=None) -> int:
                    "deletion_protocol": "replace the top-k% pixels (by the map) with a Gaussian-blurred copy "
                                         "(kernel 11, sigma 5), k = 0..100% in 32 steps; area under the box's "
                                         "P(mistaken class); Captum maps target the true class on the box's network, "
-                                        "those marked (surrogate) on the surrogate",
-                   "captum_on_surrogate": args.captum_on_surrogate},
+                                        "those marked (surrogate) on the surrogate; 'centre (no image)' ranks "
+                                        "pixels by closeness to the photo's centre; 'with the next photo's map' "
+                                        "ranks each photo's pixels by the next photo's map, resized",
+                   "captum_on_surrogate": args.captum_on_surrogate, "smoothed_maps": args.smoothed_maps},
         "table": table, "maps_table": maps_table, "runs": runs, "maps": map_scores})
     print(f"wrote {out}")
     return 0

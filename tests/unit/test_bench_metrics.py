@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from bench.common import auc, blend_curve_inputs, gaussian_blur, rank_order, spearman, topk_iou, topk_mask  # noqa: E402
+from bench.common import (  # noqa: E402
+    auc,
+    blend_curve_inputs,
+    centre_map,
+    gaussian_blur,
+    rank_order,
+    resized_map,
+    spearman,
+    topk_iou,
+    topk_mask,
+)
 from bench.peers_attacks import CountingNetwork  # noqa: E402
 
 FRACTIONS = [i / 16 for i in range(17)]
@@ -43,6 +55,42 @@ def test_deletion_auc_ranks_a_perfect_map_above_random_and_inverted():
     perfect_auc = deletion_auc(model, image, perfect)
     assert perfect_auc < deletion_auc(model, image, random_map) < deletion_auc(model, image, inverted)
     assert perfect_auc < 0.1  # the 16 region pixels are the first 1/16 removed
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40))
+def test_centre_map_ranks_pixels_by_their_distance_from_the_centre(h, w):
+    m = centre_map(h, w)
+    assert m.shape == (h, w)
+    order = rank_order(m)
+    rows, cols = order // w, order % w
+    distance = ((rows - (h - 1) / 2) ** 2 + (cols - (w - 1) / 2) ** 2).sqrt()
+    assert bool((distance[1:] >= distance[:-1] - 1e-6).all())  # removed from the middle outwards
+    assert torch.equal(m, m.flip(0)) and torch.equal(m, m.flip(1))  # no side is favoured
+
+
+def test_centre_map_is_a_strong_deletion_prior_only_when_the_evidence_is_central():
+    """The reason for the reference row: a map that knows nothing of the image wins when the evidence
+    sits in the middle and loses to random when it does not."""
+    image = torch.full((3, 16, 16), 0.9)
+    central, corner = RegionModel(), RegionModel()
+    central.region.zero_()
+    central.region[6:10, 6:10] = True
+    corner.region.zero_()
+    corner.region[:4, 12:] = True
+    random_map = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
+    assert deletion_auc(central, image, centre_map(16, 16)) < 0.1 < deletion_auc(central, image, random_map)
+    assert deletion_auc(corner, image, centre_map(16, 16)) > deletion_auc(corner, image, random_map)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 30), st.integers(2, 30), st.integers(2, 30), st.integers(2, 30))
+def test_resized_map_keeps_a_map_and_lays_another_on_any_size(h, w, h2, w2):
+    m = torch.rand(h, w, generator=torch.Generator().manual_seed(h * 31 + w))
+    assert torch.equal(resized_map(m, h, w), m)
+    out = resized_map(m, h2, w2)
+    assert out.shape == (h2, w2)
+    assert float(out.min()) >= float(m.min()) - 1e-6 and float(out.max()) <= float(m.max()) + 1e-6
 
 
 def test_blend_endpoints_and_counts():
