@@ -427,16 +427,15 @@ def main(argv=None) -> int:
         # References: a map of no image at all (closeness to the centre), and every map laid on the
         # next photo instead of its own: what a map scores for where such photos keep their subject.
         maps["centre (no image)"] = [centre_map(*x.shape[-2:]) for x in setup.photos]
-        for name, per_image in maps.items():
-            scores = deletion_aucs(setup, per_image, args.seed)
-            other = deletion_aucs(setup, per_image, args.seed, shift=1) if len(per_image) > 1 else scores
-            map_scores[name] = {"deletion_auc": float(np.mean(scores)), "per_image": scores,
-                                "deletion_auc_other_photo": float(np.mean(other)),
-                                "own_beats_other_photo": int(sum(a < b for a, b in zip(scores, other))),
-                                "beats_centre": None}
-        centre = map_scores["centre (no image)"]["per_image"]
-        for v in map_scores.values():
-            v["beats_centre"] = int(sum(a < b for a, b in zip(v["per_image"], centre)))
+        curves = {name: (deletion_aucs(setup, per_image, args.seed),
+                         deletion_aucs(setup, per_image, args.seed, shift=1))
+                  for name, per_image in maps.items()}
+        centre = curves["centre (no image)"][0]
+        map_scores = {name: {"deletion_auc": float(np.mean(scores)), "per_image": scores,
+                             "deletion_auc_other_photo": float(np.mean(other)),
+                             "own_beats_other_photo": int(sum(a < b for a, b in zip(scores, other))),
+                             "beats_centre": int(sum(a < b for a, b in zip(scores, centre)))}
+                      for name, (scores, other) in curves.items()}
         n = len(setup.photos)
         maps_table = markdown_table(
             ["map", "deletion AUC (lower = better)", "with the next photo's map", f"own map better (of {n})",
