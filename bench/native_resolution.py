@@ -14,7 +14,9 @@ median and 90th-percentile L-inf (in 8-bit levels, over successes), median RMS c
 explanation (and per failure), and, with --maps, deletion AUC of our map against Captum's maps on
 the same box's network (lower = the map ranks first the pixels behind the mistake), beside two
 controls: a map of no photo (closeness to the centre), and every map scored on the next photo
-instead of its own. A map that says something about its own photo beats both.
+instead of its own. A map that says something about its own photo beats both. --detail-maps adds
+the served `saliency=detail` map (the change's alignment with the photo's own detail) and its
+controls (the detail alone, the next photo's change on this photo's detail).
 
     flock /tmp/advexplain-cpu.lock python -m bench.native_resolution --box thirdparty --split validation --maps
     python -m bench.native_resolution --box faces --split train --limit 60 --set grid=16 --set samples=4
@@ -51,7 +53,14 @@ from advexplain.shared.evaluation import find_mistakes
 from advexplain.shared.explain import EnsembleSurrogate, explain, method_options
 from advexplain.shared.explain.margin import MarginOptions, Views, input_side
 from advexplain.shared.pixels import quantise
-from advexplain.shared.saliency import pixel_magnitude, saliency_map
+from advexplain.shared.saliency import (
+    DETAIL,
+    detail_alignment,
+    explanation_saliency,
+    photo_detail,
+    pixel_magnitude,
+    saliency_map,
+)
 from bench.common import (
     RESULTS,
     auc,
@@ -282,6 +291,9 @@ def captum_maps(setup: Setup, which: list[str], on: str = "box") -> dict[str, li
             layer = setup.gradcam_layer(net) if on == "box" else net.layers[0].features[-1]
             cam = LayerGradCam(net, layer).attribute(inp, target=y, relu_attributions=True)
             out["GradCAM"].append(LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear").detach()[0, 0])
+        if "Integrated Gradients (blur baseline)" in which:
+            out["Integrated Gradients (blur baseline)"].append(norm(IntegratedGradients(net).attribute(
+                inp, baselines=gaussian_blur(x).unsqueeze(0), target=y, n_steps=32, internal_batch_size=32)))
         if "Occlusion" in which:
             window, stride = max(4, round(min(h, w) / 12)), max(2, round(min(h, w) / 24))
             out["Occlusion"].append(norm(Occlusion(net).attribute(
@@ -311,6 +323,57 @@ def smoothed_maps(setup: Setup, ours: list[torch.Tensor], samples: int = 32,
         out["views SmoothGrad, blurred"].append(smooth)
         out["ours x views SmoothGrad, blurred"].append(m * smooth)
     return out
+
+
+def detail_maps(setup: Setup, results) -> dict[str, list[torch.Tensor]]:
+    """Candidate maps that weigh a change by the photo's own detail (`--detail-maps`). Deleting a
+    pixel (the deletion curve's step) moves it by detail = blur(x) - x; the change that fixes the
+    mistake says which way each pixel should move. Their per-pixel dot product over channels is the
+    first-order share of that fix which deleting the pixel would make, like gradient x (baseline -
+    input) with the change in place of a gradient. Compared: the positive part of that product for
+    our change and for the surrogate's true-vs-mistaken margin gradient at the photo (black-box
+    access both; ours . detail is the service's `saliency=detail` before Algorithm 2's fence, and "as
+    served" after it: the pixels below the fence are zero, so they come in random order), and the
+    magnitude product |change| x |detail| (no sign). Two controls: the detail's own magnitude, a map
+    of no model (what ranking by what deletion removes scores alone), and the next photo's change
+    (resized) on this photo's detail (what the detail scores with a change that is not this photo's fix)."""
+    out: dict[str, list[torch.Tensor]] = {"ours . detail": [], "ours . detail, as served": [], "|ours| x |detail|": [],
+                                          "surrogate gradient . detail": [], "detail (no model)": [],
+                                          "next photo's change . detail": []}
+    net = SurrogateNet(setup.surrogate).eval()
+    n = len(setup.photos)
+    for i, (x, y, wrong, r) in enumerate(zip(setup.photos, setup.labels, setup.mistaken, results)):
+        detail = photo_detail(x)
+        inp = x.unsqueeze(0).clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = net(inp)[0]
+            (grad,) = torch.autograd.grad(logits[y] - logits[wrong], inp)
+        out["surrogate gradient . detail"].append((grad[0] * detail).sum(0).clamp(min=0))
+        out["detail (no model)"].append(pixel_magnitude(detail))
+        other = results[(i + 1) % n].perturbation
+        out["next photo's change . detail"].append(
+            torch.zeros(x.shape[-2:]) if other is None or not results[(i + 1) % n].success else
+            (torch.nn.functional.interpolate(other.detach().float()[None], size=tuple(x.shape[-2:]), mode="bilinear",
+                                             align_corners=False)[0] * detail).sum(0).clamp(min=0))
+        if r.success and r.perturbation is not None:
+            change = r.perturbation.detach().float()
+            out["ours . detail"].append(detail_alignment(change, x))
+            out["ours . detail, as served"].append(explanation_saliency(change, x, DETAIL)[0])
+            out["|ours| x |detail|"].append(pixel_magnitude(change) * pixel_magnitude(detail))
+        else:
+            out["ours . detail"].append(torch.zeros(x.shape[-2:]))
+            out["ours . detail, as served"].append(torch.zeros(x.shape[-2:]))
+            out["|ours| x |detail|"].append(torch.zeros(x.shape[-2:]))
+    return out
+
+
+def served_detail_maps(setup: Setup, results) -> dict:
+    """What the service's `saliency=detail` map (Algorithm 2's fence on `ours . detail`) keeps of the
+    first --method's successful changes, and how often it falls back to the change's map."""
+    shown = [explanation_saliency(r.perturbation, x, DETAIL) for r, x in zip(results, setup.photos)
+             if r.success and r.perturbation is not None]
+    return {"maps": len(shown), "mean_kept_share": float(np.mean([float((m > 0).float().mean()) for m, _ in shown]))
+            if shown else None, "fell_back_to_change": sum(source != DETAIL for _, source in shown)}
 
 
 def deletion_aucs(setup: Setup, maps: list[torch.Tensor], seed: int, shift: int = 0) -> list[float]:
@@ -347,6 +410,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoothed-maps", action="store_true",
                    help="with --maps: also candidate maps from the surrogate's gradient over the search's views "
                         "(raw, blurred, and the first --method's map weighted by the blurred one)")
+    p.add_argument("--detail-maps", action="store_true",
+                   help="with --maps: also maps that weigh the first --method's change (and the surrogate's "
+                        "gradient) by the photo's detail that deletion removes, and Captum's Integrated "
+                        "Gradients from the deletion's own blurred baseline")
     p.add_argument("--served", action="store_true",
                    help="faces/elpv: the box (and the white box's answers) as our service runs it, resizing "
                         "the 8-bit image as uint8")
@@ -364,6 +431,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.perturb < 1 or (args.perturb > 1 and args.maps):
         raise SystemExit("--perturb takes K >= 1, and --maps only without it")
+    needs_maps = [flag for flag, on in (("--captum-on-surrogate", args.captum_on_surrogate),
+                                        ("--smoothed-maps", args.smoothed_maps),
+                                        ("--detail-maps", args.detail_maps)) if on]
+    if needs_maps and not args.maps:
+        raise SystemExit(f"{', '.join(needs_maps)} only with --maps")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 
@@ -409,17 +481,22 @@ def main(argv=None) -> int:
                             "empty maps"], rows)
     print(table)
 
-    maps_table, map_scores = None, {}
+    maps_table, map_scores, served_detail = None, {}, None
     if args.maps:
         maps: dict[str, list[torch.Tensor]] = {}
         for spec, run in runs.items():
             maps[f"ours: {spec}"] = [pixel_magnitude(r.perturbation) if r.success and r.perturbation is not None
                                      else torch.zeros(x.shape[-2:]) for r, x in zip(run["_results"], setup.photos)]
         captum = ["Saliency", "Integrated Gradients", "GradCAM", "Occlusion"]
-        maps.update(captum_maps(setup, captum))
+        maps.update(captum_maps(setup, captum + ["Integrated Gradients (blur baseline)"] * args.detail_maps))
         if args.smoothed_maps:
             first = next(iter(maps.values()))
             maps.update(smoothed_maps(setup, first))
+        if args.detail_maps:
+            first_results = next(iter(runs.values()))["_results"]
+            maps.update(detail_maps(setup, first_results))
+            served_detail = served_detail_maps(setup, first_results)
+            print(f"served detail maps: {served_detail}")
         if args.captum_on_surrogate:
             maps.update({f"{k} (surrogate)": v for k, v in captum_maps(setup, captum, on="surrogate").items()})
         g = torch.Generator().manual_seed(args.seed)
@@ -460,8 +537,10 @@ def main(argv=None) -> int:
                                         "those marked (surrogate) on the surrogate; 'centre (no image)' ranks "
                                         "pixels by closeness to the photo's centre; 'with the next photo's map' "
                                         "ranks each photo's pixels by the next photo's map, resized",
-                   "captum_on_surrogate": args.captum_on_surrogate, "smoothed_maps": args.smoothed_maps},
-        "table": table, "maps_table": maps_table, "runs": runs, "maps": map_scores})
+                   "captum_on_surrogate": args.captum_on_surrogate, "smoothed_maps": args.smoothed_maps,
+                   "detail_maps": args.detail_maps},
+        "table": table, "maps_table": maps_table, "runs": runs, "maps": map_scores,
+        "served_detail_map": served_detail})
     print(f"wrote {out}")
     return 0
 

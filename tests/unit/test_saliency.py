@@ -119,3 +119,78 @@ def test_single_mode_is_the_papers_map_unless_that_is_empty(levels, channels, ta
         assert (out > 0).any(), "a non-zero change never gets an empty map"
         assert torch.equal(out > 0, magnitude >= top - TOP_TOLERANCE)
         assert torch.allclose(out[out > 0], magnitude[out > 0] * beta)
+
+
+# -- the detail map (saliency=detail) ------------------------------------------------------------
+
+from advexplain.shared.saliency import (  # noqa: E402
+    CHANGE,
+    DETAIL,
+    default_saliency,
+    detail_alignment,
+    explanation_saliency,
+    photo_detail,
+)
+
+photos = st.tuples(st.integers(1, 24), st.integers(1, 24), st.integers(0, 2**31 - 1))
+
+
+def photo_and_change(h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, h, w, generator=g), (torch.rand(3, h, w, generator=g) - 0.5) * 0.1
+
+
+@given(photos)
+@settings(max_examples=40, deadline=None)
+def test_flat_photo_has_no_detail(shape):
+    h, w, seed = shape
+    colour = torch.rand(3, 1, 1, generator=torch.Generator().manual_seed(seed))
+    assert photo_detail(colour.expand(3, h, w).clone()).abs().max() < 1e-6
+
+
+@given(photos)
+@settings(max_examples=40, deadline=None)
+def test_detail_map_is_the_positive_part_of_change_dot_detail(shape):
+    photo, change = photo_and_change(*shape)
+    score = detail_alignment(change, photo)
+    assert score.shape == photo.shape[-2:] and bool((score >= 0).all())
+    # The change that moves each pixel exactly as deleting its detail would scores |detail|^2 there;
+    # its opposite scores nothing.
+    detail = photo_detail(photo)
+    assert torch.allclose(detail_alignment(detail, photo), detail.pow(2).sum(0), atol=1e-7)
+    assert detail_alignment(-detail, photo).abs().max() < 1e-7
+    # A pixel counts only by its own change: zeroing the change somewhere zeroes the map there.
+    rows = max(1, shape[0] // 2)
+    change[:, :rows] = 0
+    assert float(detail_alignment(change, photo)[:rows].abs().max()) == 0.0
+
+
+def test_detail_map_points_at_the_edge_the_change_works_against():
+    # A bright square on black: its detail (blur - photo) is negative inside the border, positive just
+    # outside. A change that darkens the square's border (it "removes" the edge) scores there only.
+    photo = torch.zeros(3, 32, 32)
+    photo[:, 10:22, 10:22] = 1.0
+    change = torch.zeros(3, 32, 32)
+    change[:, 10:22, 10:22] = -0.05
+    score = detail_alignment(change, photo)
+    assert score[10, 10] > 0 and score[16, 16] < score[10, 10] and score[0, 0] == 0
+    assert float(score[:, :10].abs().max()) == 0.0
+
+
+def test_explanation_saliency_sources_and_fallback():
+    photo, change = photo_and_change(20, 30, 1)
+    m, shows = explanation_saliency(change, photo, DETAIL)
+    assert shows == DETAIL and m.shape == (20, 30) and bool((m > 0).any())
+    score = detail_alignment(change, photo)
+    assert bool((m[score == 0] == 0).all()) and bool((score[m > 0] > 0).all())
+    assert torch.allclose(m[m > 0], 2.0 * score[m > 0])                 # Algorithm 2's boost, beta = 2
+    m, shows = explanation_saliency(change, photo, CHANGE)
+    assert shows == CHANGE and torch.equal(m, saliency_map(change))
+    flat = torch.full((3, 20, 30), 0.5)
+    m, shows = explanation_saliency(change, flat, DETAIL)        # no detail at all: the change's map
+    assert shows == CHANGE and torch.equal(m, saliency_map(change))
+    with pytest.raises(InvalidInput):
+        explanation_saliency(change, photo, "gradient")
+    with pytest.raises(InvalidInput):
+        explanation_saliency(change, photo[:, :10], DETAIL)
+    assert default_saliency("paper") == CHANGE and default_saliency("margin") == DETAIL
