@@ -3,7 +3,8 @@
 The first elpv validation cell (in split order) that the default black box (`models/blackbox`,
 label-only) gets wrong and the default explains (the mistakes before it that failed are counted),
 explained at its own size by the default method through the default surrogate (`models/surrogate`),
-as `POST /explain` would; the panel is Figure 2 (original | adversarial | saliency).
+as `POST /explain` would, with the map the answer would carry (the method's default `saliency`);
+the panel is Figure 2 (original | adversarial | saliency).
 
     flock /tmp/advexplain-cpu.lock python -m bench.figures
 """
@@ -19,9 +20,9 @@ from advexplain.shared.checkpoints import load_checkpoint
 from advexplain.shared.classifiers import LocalClassifier
 from advexplain.shared.data import BUILTIN, load_photos
 from advexplain.shared.evaluation import find_mistakes
-from advexplain.shared.explain import explain
+from advexplain.shared.explain import DEFAULT_METHOD, explain
 from advexplain.shared.render import render_explanation
-from advexplain.shared.saliency import saliency_map
+from advexplain.shared.saliency import default_saliency, explanation_saliency
 from bench.common import RESULTS, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ def main() -> int:
         if result.success:
             break
         failed_before += 1
-    saliency = saliency_map(result.perturbation) if result.success else None
+    saliency, shows = (explanation_saliency(result.perturbation, images[index], default_saliency(DEFAULT_METHOD))
+                       if result.success else (None, None))
     pngs = render_explanation(result, saliency)
     args.panel.write_bytes(pngs["panel"])
     record = {k: v for k, v in result.to_dict().items() if k != "trace"}
@@ -60,7 +62,9 @@ def main() -> int:
                   photo=photos.paths[index], linf_255=None if result.linf is None else round(result.linf * 255),
                   # the change's grid (cells, rows x columns) at each search query, and the map's kept share
                   grids=[step["grid"] for step in result.trace if "grid" in step],
-                  map_keeps=None if saliency is None else float((saliency > 0).float().mean()),
+                  map_keeps=None if saliency is None else float((saliency > 0).float().mean()), saliency=shows,
+                  box_val_accuracy=box.meta.metrics.get("val_accuracy"),
+                  surrogate_val_accuracy=surrogate.meta.metrics.get("val_accuracy"),
                   panel=str(args.panel.relative_to(ROOT)))
     write_json(args.out, record)
     print({k: record[k] for k in ("success", "label_name", "final_prediction_name", "search_queries", "linf_255")})

@@ -24,12 +24,13 @@ from advexplain.shared.explain import (
     METHODS,
     method_options,
 )
-from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU
+from advexplain.shared.saliency import DEFAULT_BETA, DEFAULT_TAU, SALIENCY_SOURCES
 
 router = APIRouter()
 whitebox_router = APIRouter()
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+SaliencyName = Literal[tuple(SALIENCY_SOURCES)]  # type: ignore[valid-type]
 
 
 def get_explainer(request: Request) -> Explainer:
@@ -72,6 +73,12 @@ def explain_params(
         int | None,
         Form(ge=0, description="extra queries spent shrinking a found change (margin methods); default: the method's"),
     ] = None,
+    saliency: Annotated[
+        SaliencyName | None,
+        Form(description="what the saliency map shows: `detail`, the photo's detail that the change works against "
+                         "(the change's dot product with blur(photo) - photo, per pixel), or `change`, the change's "
+                         "magnitude (the paper's map); default: the method's (`change` for paper, `detail` otherwise)"),
+    ] = None,
     tau: Annotated[float, Form(gt=0, allow_inf_nan=False, description="Algorithm 2's relaxation")] = DEFAULT_TAU,
     beta: Annotated[float, Form(gt=1, allow_inf_nan=False, description="Algorithm 2's boost")] = DEFAULT_BETA,
     alpha: Annotated[
@@ -95,7 +102,7 @@ def explain_params(
             raise InvalidInput(f"alpha is the paper's bound on eps: method {method!r} does not take it")
         given["alpha"] = alpha
     return ExplainParams(label=label, target=target, method=method, options=method_options(method, **given),
-                         tau=tau, beta=beta)
+                         tau=tau, beta=beta, saliency=saliency)
 
 
 ExplainerDep = Annotated[Explainer, Depends(get_explainer)]

@@ -61,6 +61,10 @@ class ExplainResponse(BaseModel):
     max_linf: float
     refine: int
     alpha: float | None = Field(description="the paper's bound on eps (method paper); null otherwise")
+    saliency: str | None = Field(description="what the saliency map shows: detail (the photo's detail that the "
+                                             "change works against) or change (the change's magnitude, the paper's "
+                                             "map); a detail map with no pixel falls back to change; null without "
+                                             "a change")
     tau: float
     beta: float
     seconds: float = Field(description="time the search took, in-process")
@@ -81,7 +85,8 @@ def response_from(result: ExplainResult, with_images: bool = True) -> ExplainRes
         rms=summary["rms"], width=width, height=height, original_width=original_width,
         original_height=original_height, downscaled=result.photo.downscaled, budget_exhausted=e.budget_exhausted,
         max_queries=options.max_queries, max_linf=options.max_linf, refine=options.refine,
-        alpha=getattr(options, "alpha", None), tau=p.tau, beta=p.beta, seconds=e.seconds, trace=summary["trace"],
+        alpha=getattr(options, "alpha", None), saliency=result.saliency, tau=p.tau, beta=p.beta, seconds=e.seconds,
+        trace=summary["trace"],
         images=Images(**images),
     )
 

@@ -19,7 +19,7 @@ from advexplain.shared.images import Photo, decode_photo
 from advexplain.shared.protocols import Classifier, GradientSource
 from advexplain.shared.remote import NO_HEALTH_ENDPOINT, READY, RemoteBlackBox
 from advexplain.shared.render import render_explanation
-from advexplain.shared.saliency import saliency_map
+from advexplain.shared.saliency import default_saliency, explanation_saliency
 
 EXPLANATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BLACKBOX, WHITEBOX = "blackbox", "whitebox"
@@ -35,6 +35,7 @@ class ExplainParams:
     options: SearchOptions
     tau: float
     beta: float
+    saliency: str | None = None     # what the map shows (saliency.SALIENCY_SOURCES); None: the method's default
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ExplainResult:
     pngs: dict[str, bytes]
     params: ExplainParams
     photo: Photo
+    saliency: str | None = None     # what the returned map shows; None when there is no map
 
 
 class RequestOracle:
@@ -161,12 +163,14 @@ class Explainer:
                 oracle = RequestOracle(self.blackbox, photo.image, None if photo.downscaled else data)
             result = explain(photo.image, label, source, oracle, params.method, target=target, whitebox=white,
                              options=params.options)
-            saliency = (
-                None if result.perturbation is None else saliency_map(result.perturbation, params.tau, params.beta)
-            )
+            saliency, shows = None, None
+            if result.perturbation is not None:
+                saliency, shows = explanation_saliency(result.perturbation, photo.image,
+                                                       params.saliency or default_saliency(params.method),
+                                                       params.tau, params.beta)
             pngs = render_explanation(result, saliency)
             outcome = "already_correct" if result.already_correct else "success" if result.success else "failed"
-            return ExplainResult(result, pngs, params, photo)
+            return ExplainResult(result, pngs, params, photo, shows)
         finally:
             # A search that failed half-way still spent the images the black box answered.
             spent = oracle.images if isinstance(oracle, RequestOracle) else result.queries if result is not None else 0

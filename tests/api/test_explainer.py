@@ -304,6 +304,7 @@ def test_bad_uploads_and_parameters_get_the_error_body_and_spend_no_query(explai
         (upload(image, name, max_linf=0), 422, "validation_error"),
         (upload(image, name, max_linf=2), 422, "validation_error"),
         (upload(image, name, refine=-1), 422, "validation_error"),
+        (upload(image, name, saliency="gradient"), 422, "validation_error"),
         (upload(image, name, target="cracked"), 400, "invalid_input"),
         ({"data": {"label": name}}, 422, "validation_error"),
         ({"files": {"image": ("x.png", image, "image/png")}}, 422, "validation_error"),
@@ -392,6 +393,31 @@ def test_tau_reaches_the_returned_saliency_map(whitebox, cases):
     assert low["images"]["adversarial"] == high["images"]["adversarial"], "the search itself does not depend on tau"
     kept = [(np.asarray(decode_png(png).convert("L")) > 0).sum() for png in (low_map, high_map)]
     assert kept[0] > kept[1] > 0, kept  # a higher fence keeps fewer pixels
+
+
+def test_saliency_says_what_the_map_shows_and_changes_the_map_only(whitebox, explainer, box, cases):
+    """`detail` (the margin methods' default) and `change` (the paper's map, its method's default) are
+    two maps of one search: same adversarial image, different saliency, and the answer names which."""
+    image, label, _ = cases[0]
+
+    def explained(**fields) -> dict:
+        resp = whitebox.post("/internal/whitebox/explain", headers={"Authorization": f"Bearer {TOKEN}"},
+                             **upload(image, CLASSES[label], **fields))
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    default, detail, change = explained(), explained(saliency="detail"), explained(saliency="change")
+    assert default["success"] and default["saliency"] == "detail" == detail["saliency"]
+    assert change["saliency"] == "change"
+    assert default["images"]["saliency"] == detail["images"]["saliency"] != change["images"]["saliency"]
+    assert default["images"]["adversarial"] == change["images"]["adversarial"]
+    assert explained(method="paper", alpha=3.0)["saliency"] in ("change", None)
+    # On the black-box route too, and in the PNG answer's headers.
+    resp = explainer.post("/explain", headers={"Accept": "image/png"},
+                          **upload(image, CLASSES[label], saliency="change"))
+    assert resp.status_code == 200
+    if resp.headers["X-Explanation-Success"] == "true":
+        assert resp.headers["X-Explanation-Saliency"] == "change"
 
 
 # ---------------------------------------------------------------- the black box failing
@@ -600,7 +626,8 @@ def test_openapi_documents_explain(explainer):
     assert set(schema["paths"]) == {"/explain", "/healthz", "/metrics"}
     post = schema["paths"]["/explain"]["post"]
     ref = post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
-    assert {"image", "label", "target", "method", "max_queries", "max_linf", "refine", "tau", "beta", "alpha"} <= set(
+    assert {"image", "label", "target", "method", "max_queries", "max_linf", "refine", "saliency", "tau", "beta",
+            "alpha"} <= set(
         schema["components"]["schemas"][ref]["properties"])
     assert {"application/json", "image/png"} <= set(post["responses"]["200"]["content"])
     for status in ("400", "413", "415", "422", "502", "503", "504"):

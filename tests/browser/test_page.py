@@ -171,7 +171,7 @@ def test_keyboard_only(open_page, images, tmp_path):
     assert page.eval_on_selector("#advanced", "el => el.open") is True
     assert tab_to(page, "max_queries") == ["max_queries"]
     page.keyboard.type("30")
-    assert tab_to(page, "submit") == ["target", "max_linf", "refine", "tau", "beta", "alpha",
+    assert tab_to(page, "submit") == ["target", "max_linf", "refine", "saliency", "tau", "beta", "alpha",
                                       "whitebox-summary", "submit"]
 
     with page.expect_response(is_explain, timeout=ANSWER) as answered:

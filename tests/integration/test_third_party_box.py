@@ -18,11 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from advexplain.launch import ServiceProcess
 from advexplain.shared.data import load_photos
+from advexplain.shared.images import decode_photo
+from advexplain.shared.saliency import photo_detail
 from bench.third_party_box import train
 from tests.commands import distill_surrogate
 
@@ -112,6 +115,14 @@ def test_the_explainer_needs_only_predict_and_explains_the_photo_itself(box, tin
             assert body["linf"] <= body["max_linf"]
             adversarial = base64.b64decode(body["images"]["adversarial"])
             assert box.predict(adversarial) == label, "the box itself must classify the returned PNG as the label"
+            # The default map is the change's alignment with the upload's own detail, at the upload's
+            # size: zero wherever the returned change moves the pixel against that detail.
+            assert body["saliency"] == "detail"
+            photo = decode_photo(data, 10**8).image
+            change = decode_photo(adversarial, 10**8).image - photo
+            dot = (change * photo_detail(photo)).sum(0).numpy()
+            shown = np.asarray(images["saliency"].convert("L"))
+            assert shown.any() and not shown[dot < -1e-5].any()
         else:
             assert body["failure_reason"] in ("max_queries", "max_linf")
     assert successes >= 1, "a label-only third-party box must be explainable"

@@ -25,7 +25,7 @@
 
   // Advanced fields sent as typed, and only when the person filled them in (the server's defaults apply
   // otherwise, and a server that does not know a field yet ignores it).
-  const ADVANCED = ["max_queries", "target", "refine", "tau", "beta", "alpha"];
+  const ADVANCED = ["max_queries", "target", "refine", "saliency", "tau", "beta", "alpha"];
   const IMAGES = [
     ["panel", "panel.png", "Panel (original, changed, saliency)"],
     ["adversarial", "adversarial.png", "Changed image"],
