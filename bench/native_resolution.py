@@ -325,7 +325,7 @@ def smoothed_maps(setup: Setup, ours: list[torch.Tensor], samples: int = 32,
     return out
 
 
-def detail_maps(setup: Setup, results) -> dict[str, list[torch.Tensor]]:
+def detail_maps(setup: Setup, results) -> tuple[dict[str, list[torch.Tensor]], dict]:
     """Candidate maps that weigh a change by the photo's own detail (`--detail-maps`). Deleting a
     pixel (the deletion curve's step) moves it by detail = blur(x) - x; the change that fixes the
     mistake says which way each pixel should move. Their per-pixel dot product over channels is the
@@ -336,13 +336,18 @@ def detail_maps(setup: Setup, results) -> dict[str, list[torch.Tensor]]:
     served" after it: the pixels below the fence are zero, so they come in random order), and the
     magnitude product |change| x |detail| (no sign). Two controls: the detail's own magnitude, a map
     of no model (what ranking by what deletion removes scores alone), and the next photo's change
-    (resized) on this photo's detail (what the detail scores with a change that is not this photo's fix)."""
+    (resized) on this photo's detail (what the detail scores with a change that is not this photo's fix).
+    Also returns what the served map keeps of the successful changes and how often it fell back to
+    the change's map."""
     out: dict[str, list[torch.Tensor]] = {"ours . detail": [], "ours . detail, as served": [], "|ours| x |detail|": [],
                                           "surrogate gradient . detail": [], "detail (no model)": [],
                                           "next photo's change . detail": []}
     net = SurrogateNet(setup.surrogate).eval()
     n = len(setup.photos)
-    for i, (x, y, wrong, r) in enumerate(zip(setup.photos, setup.labels, setup.mistaken, results)):
+    changes = [r.perturbation.detach().float() if r.success and r.perturbation is not None else None
+               for r in results]
+    kept, fell_back = [], 0
+    for i, (x, y, wrong, change) in enumerate(zip(setup.photos, setup.labels, setup.mistaken, changes)):
         detail = photo_detail(x)
         inp = x.unsqueeze(0).clone().requires_grad_(True)
         with torch.enable_grad():
@@ -350,30 +355,24 @@ def detail_maps(setup: Setup, results) -> dict[str, list[torch.Tensor]]:
             (grad,) = torch.autograd.grad(logits[y] - logits[wrong], inp)
         out["surrogate gradient . detail"].append((grad[0] * detail).sum(0).clamp(min=0))
         out["detail (no model)"].append(pixel_magnitude(detail))
-        other = results[(i + 1) % n].perturbation
+        other = changes[(i + 1) % n]
         out["next photo's change . detail"].append(
-            torch.zeros(x.shape[-2:]) if other is None or not results[(i + 1) % n].success else
-            (torch.nn.functional.interpolate(other.detach().float()[None], size=tuple(x.shape[-2:]), mode="bilinear",
+            torch.zeros(x.shape[-2:]) if other is None else
+            (torch.nn.functional.interpolate(other[None], size=tuple(x.shape[-2:]), mode="bilinear",
                                              align_corners=False)[0] * detail).sum(0).clamp(min=0))
-        if r.success and r.perturbation is not None:
-            change = r.perturbation.detach().float()
-            out["ours . detail"].append(detail_alignment(change, x))
-            out["ours . detail, as served"].append(explanation_saliency(change, x, DETAIL)[0])
-            out["|ours| x |detail|"].append(pixel_magnitude(change) * pixel_magnitude(detail))
-        else:
-            out["ours . detail"].append(torch.zeros(x.shape[-2:]))
-            out["ours . detail, as served"].append(torch.zeros(x.shape[-2:]))
-            out["|ours| x |detail|"].append(torch.zeros(x.shape[-2:]))
-    return out
-
-
-def served_detail_maps(setup: Setup, results) -> dict:
-    """What the service's `saliency=detail` map (Algorithm 2's fence on `ours . detail`) keeps of the
-    first --method's successful changes, and how often it falls back to the change's map."""
-    shown = [explanation_saliency(r.perturbation, x, DETAIL) for r, x in zip(results, setup.photos)
-             if r.success and r.perturbation is not None]
-    return {"maps": len(shown), "mean_kept_share": float(np.mean([float((m > 0).float().mean()) for m, _ in shown]))
-            if shown else None, "fell_back_to_change": sum(source != DETAIL for _, source in shown)}
+        if change is None:
+            for name in ("ours . detail", "ours . detail, as served", "|ours| x |detail|"):
+                out[name].append(torch.zeros(x.shape[-2:]))
+            continue
+        served, source = explanation_saliency(change, x, DETAIL)
+        kept.append(float((served > 0).float().mean()))
+        fell_back += source != DETAIL
+        out["ours . detail"].append(detail_alignment(change, x))
+        out["ours . detail, as served"].append(served)
+        out["|ours| x |detail|"].append(pixel_magnitude(change) * pixel_magnitude(detail))
+    served_stats = {"maps": len(kept), "mean_kept_share": float(np.mean(kept)) if kept else None,
+                    "fell_back_to_change": fell_back}
+    return out, served_stats
 
 
 def deletion_aucs(setup: Setup, maps: list[torch.Tensor], seed: int, shift: int = 0) -> list[float]:
@@ -493,9 +492,8 @@ def main(argv=None) -> int:
             first = next(iter(maps.values()))
             maps.update(smoothed_maps(setup, first))
         if args.detail_maps:
-            first_results = next(iter(runs.values()))["_results"]
-            maps.update(detail_maps(setup, first_results))
-            served_detail = served_detail_maps(setup, first_results)
+            detail, served_detail = detail_maps(setup, next(iter(runs.values()))["_results"])
+            maps.update(detail)
             print(f"served detail maps: {served_detail}")
         if args.captum_on_surrogate:
             maps.update({f"{k} (surrogate)": v for k, v in captum_maps(setup, captum, on="surrogate").items()})

@@ -154,7 +154,6 @@ def saliency_map(perturbation: torch.Tensor, tau: float = DEFAULT_TAU, beta: flo
     """
     if perturbation is None:
         raise InvalidInput("no perturbation (the search failed): nothing to draw")
-    _check(tau, beta)
     return fence_map(pixel_magnitude(perturbation), tau, beta)
 
 
@@ -173,7 +172,6 @@ def explanation_saliency(perturbation: torch.Tensor, photo: torch.Tensor, source
         raise InvalidInput(f"saliency must be one of {', '.join(SALIENCY_SOURCES)}, got {source!r}")
     if perturbation is None:
         raise InvalidInput("no perturbation (the search failed): nothing to draw")
-    _check(tau, beta)
     if source == DETAIL:
         score = detail_alignment(perturbation, photo)
         if float(score.max()) > DETAIL_FLOOR:
